@@ -1,0 +1,209 @@
+"""Model configuration: one frozen dataclass for the Llama 3 and Qwen3 (dense) decoder families.
+
+Built from a Hugging Face ``config.json`` (:meth:`ModelConfig.from_hf`), from GGUF metadata
+(:meth:`ModelConfig.from_gguf_fields`), or from the presets of the paper's models (:data:`PRESETS`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+FAMILIES = ("llama", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 ("llama3") RoPE frequency scaling; ``None`` on a config means plain RoPE."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer (Llama 3 / 3.1 / 3.2, SmolLM2, Qwen3 dense).
+
+    ``qk_norm`` is Qwen3's per-head RMSNorm of q and k before RoPE. GQA: query head h uses KV head
+    ``h // (num_heads // num_kv_heads)``.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 8192
+    qk_norm: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not supported; expected one of {FAMILIES}")
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                      "num_kv_heads", "head_dim"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field}={getattr(self, field)} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def group_size(self) -> int:
+        """GQA group size G = num_heads / num_kv_heads."""
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Bytes of K+V of one token over all layers (bf16 by default)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def num_params(self) -> int:
+        d, f, L = self.hidden_size, self.intermediate_size, self.num_layers
+        attn = d * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.num_heads * self.head_dim * d
+        per_layer = attn + 3 * d * f + 2 * d + (2 * self.head_dim if self.qk_norm else 0)
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + emb + d
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any] | str | os.PathLike, name: str = "") -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` (a dict, the file, or the checkpoint directory)."""
+        if not isinstance(cfg, Mapping):
+            path = os.fspath(cfg)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no config.json at {path}")
+            with open(path) as f:
+                cfg = json.load(f)
+            name = name or os.path.basename(os.path.dirname(os.path.abspath(path)))
+        mt = cfg.get("model_type", "")
+        if mt in ("llama",):
+            family = "llama"
+        elif mt in ("qwen3",):
+            family = "qwen3"
+        else:
+            raise ValueError(f"model_type={mt!r} is not supported; kvjax implements 'llama' and 'qwen3' (dense)")
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        rs = cfg.get("rope_scaling") or None
+        scaling = None
+        if rs:
+            rtype = rs.get("rope_type", rs.get("type"))
+            if rtype == "llama3":
+                scaling = RopeScaling(float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)),
+                                      float(rs.get("high_freq_factor", 4.0)),
+                                      int(rs.get("original_max_position_embeddings", 8192)))
+            elif rtype not in (None, "default"):
+                raise ValueError(f"rope_scaling type {rtype!r} is not supported (only 'llama3')")
+        if family == "llama" and cfg.get("attention_bias", False):
+            raise ValueError("attention_bias=True is not supported for the llama family")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        return cls(
+            family=family, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=head_dim,
+            rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=scaling,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+            qk_norm=(family == "qwen3"), bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
+            pad_token_id=cfg.get("pad_token_id"), name=name)
+
+    @classmethod
+    def from_gguf_fields(cls, fields: Mapping[str, Any], has_output_weight: bool, name: str = "") -> "ModelConfig":
+        """Build from GGUF metadata (``{key: python value}``); ``has_output_weight`` False means tied embeddings."""
+        arch = fields.get("general.architecture")
+        if arch not in FAMILIES:
+            raise ValueError(f"GGUF general.architecture={arch!r} is not supported; expected one of {FAMILIES}")
+        p = arch + "."
+        heads = int(fields[p + "attention.head_count"])
+        hidden = int(fields[p + "embedding_length"])
+        head_dim = int(fields.get(p + "attention.key_length", hidden // heads))
+        scaling = None
+        if fields.get(p + "rope.scaling.type") == "llama3" or p + "rope.scaling.factor" in fields:
+            scaling = RopeScaling(float(fields.get(p + "rope.scaling.factor", 8.0)),
+                                  float(fields.get(p + "rope.scaling.low_freq_factor", 1.0)),
+                                  float(fields.get(p + "rope.scaling.high_freq_factor", 4.0)),
+                                  int(fields.get(p + "rope.scaling.original_context_length", 8192)))
+        vocab = fields.get(p + "vocab_size")
+        if vocab is None:
+            vocab = len(fields["tokenizer.ggml.tokens"])
+        eos = fields.get("tokenizer.ggml.eos_token_id")
+        # float32 storage of eps (9.9999997e-06): round to the decimal it stands for.
+        eps = float(np.format_float_positional(np.float32(fields.get(p + "attention.layer_norm_rms_epsilon", 1e-5))))
+        return cls(
+            family=arch, vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=int(fields[p + "feed_forward_length"]), num_layers=int(fields[p + "block_count"]),
+            num_heads=heads, num_kv_heads=int(fields.get(p + "attention.head_count_kv", heads)), head_dim=head_dim,
+            rope_theta=float(fields.get(p + "rope.freq_base", 10000.0)), rope_scaling=scaling, rms_norm_eps=eps,
+            tie_word_embeddings=not has_output_weight,
+            max_position_embeddings=int(fields.get(p + "context_length", 8192)), qk_norm=(arch == "qwen3"),
+            bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=(int(eos),) if eos is not None else (),
+            pad_token_id=fields.get("tokenizer.ggml.padding_token_id"), name=name or fields.get("general.name", ""))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies ``[head_dim/2]`` (float64), with Llama-3 scaling applied when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wl = s.original_max_position_embeddings / s.low_freq_factor
+    high_wl = s.original_max_position_embeddings / s.high_freq_factor
+    wl = 2 * math.pi / inv
+    scaled = np.where(wl > low_wl, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_mid = (wl >= high_wl) & (wl <= low_wl)
+    return np.where(is_mid, mid, scaled)
+
+
+# Real configurations of the paper's models (from their Hugging Face config.json files).
+PRESETS: dict[str, ModelConfig] = {
+    "llama-3.1-8b-instruct": ModelConfig(
+        family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5, tie_word_embeddings=False,
+        max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
+        name="meta-llama/Llama-3.1-8B-Instruct"),
+    "llama-3.2-3b-instruct": ModelConfig(
+        family="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
+        name="meta-llama/Llama-3.2-3B-Instruct"),
+    "qwen3-4b-instruct-2507": ModelConfig(
+        family="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=5000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        max_position_embeddings=262144, qk_norm=True, bos_token_id=None, eos_token_ids=(151645,),
+        pad_token_id=151643, name="Qwen/Qwen3-4B-Instruct-2507"),
+    "smollm2-135m": ModelConfig(
+        family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
+        name="HuggingFaceTB/SmolLM2-135M-Instruct"),
+}

