@@ -147,10 +147,13 @@ def _mm(x, w):
     return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def layer_qkv(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array):
-    """Pre-attention part of one layer. x ``[B, T, d]`` -> q (post-RoPE) ``[B,T,H,D]``, k_pre, k, v ``[B,T,Hkv,D]``."""
+def layer_qkv(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, h: jax.Array | None = None):
+    """Pre-attention part of one layer. x ``[B, T, d]`` -> q (post-RoPE) ``[B,T,H,D]``, k_pre, k, v ``[B,T,Hkv,D]``.
+
+    ``h`` (optional) is the already-normalised input ``rms_norm(x, attn_norm)``."""
     B, T, _ = x.shape
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    if h is None:
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q = _mm(h, lp["wq"]).reshape(B, T, cfg.num_heads, cfg.head_dim)
     k = _mm(h, lp["wk"]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     v = _mm(h, lp["wv"]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
@@ -190,6 +193,34 @@ def run_layers(params: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
         return layer_finish(lp, cfg, h, out), st
 
     return jax.lax.scan(body, x, (layer_params, state))
+
+
+CarryAttendFn = Callable[..., tuple[jax.Array, Any]]
+
+
+def run_layers_carry(params: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, state: Any,
+                     attend: CarryAttendFn) -> tuple[jax.Array, Any]:
+    """Like :func:`run_layers`, but the whole layer-stacked ``state`` is carried through the scan and
+    ``attend(state, layer, q, k_pre, k, v, h) -> (out, state)`` reads/writes layer ``layer`` of it in place
+    (``h`` is the layer's normalised input ``[B, T, d]``, used by InfiniGen-style speculation).
+
+    This is the decode path: a policy writes only the new token's rows (a small dynamic-update-slice of
+    the carried buffer, done in place by XLA) instead of re-emitting every layer's whole cache as scan
+    outputs, and read-only leaves (the host store) pass through without a copy.
+    """
+    cos, sin = rope_tables(cfg, positions)
+    layer_params = {k[len("layers."):]: v for k, v in params.items() if k.startswith("layers.")}
+
+    def body(carry, xs):
+        h, st = carry
+        lp, layer = xs
+        hn = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k_pre, k, v = layer_qkv(lp, cfg, h, cos, sin, hn)
+        out, st = attend(st, layer, q, k_pre, k, v, hn)
+        return (layer_finish(lp, cfg, h, out), st), None
+
+    (x, state), _ = jax.lax.scan(body, (x, state), (layer_params, jnp.arange(cfg.num_layers)))
+    return x, state
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:

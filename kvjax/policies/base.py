@@ -1,0 +1,116 @@
+"""The KV-cache policy interface (DESIGN.md "The data's way through").
+
+A policy is a frozen config dataclass (the paper's defaults) plus pure functions over its own registered
+dataclass state, whose leaves are layer-stacked ``[L, B, ...]``:
+
+- ``build(mcfg, k, v, lengths, max_new, extra=None, q=None) -> state_l`` — called per layer (vmapped over
+  L by the engine) right after the exact, chunked prefill: ``k`` (post-RoPE) and ``v`` are
+  ``[B, Hkv, Tb, D]``, rows at or beyond ``lengths[b]`` are padding. It decides what stays on the device
+  and what goes to host memory. ``extra`` is this layer's slice of ``prepare(mcfg, params)`` (static data
+  derived from the weights, e.g. InfiniGen's skewing); ``q`` (``[B, H, Tb, D]``, post-RoPE prompt queries)
+  is given only when the policy sets ``needs_queries = True``. ``max_new`` is the generated-slot bucket.
+- ``decode(mcfg, state, layer, q, k_pre, k, v, pos) -> (out, state)`` — one new token per sequence at
+  absolute position ``pos[b]``; q ``[B, H, D]`` post-RoPE, k_pre/k/v ``[B, Hkv, D]``, ``layer`` a traced
+  int32. ``state`` is the WHOLE layer-stacked state (the scan carry): read layer ``layer`` with
+  ``x[layer]`` and write only the new rows (``x.at[layer, ...].set`` / dynamic-update-slice), so XLA
+  updates the carried buffers in place and read-only host leaves are never copied. Called inside the
+  single jitted decode step, so it must be pure and shape-static. ``out`` is ``[B, H, D]``. A final
+  argument ``h`` ``[B, d]`` is the layer's RMS-normalised input (InfiniGen speculates from it).
+- ``host_fields`` — state fields placed in ``pinned_host`` memory; ``fixed_fields`` — buffers that do not
+  grow with the prompt (excluded from the per-prompt-token memory figure).
+- ``memory_report(state, lengths)`` — bytes per memory kind and component (:func:`kvjax.cache.memory_report`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import cache as cache_mod
+
+
+def resolve_budget(budget: float | int, prompt_len: int, multiple: int = 1, name: str = "budget") -> int:
+    """Tokens for a budget given as a fraction of the prompt (float in [0, 1]) or a token count (int).
+
+    Paper rule (ShadowKV/YAKV eval path, algorithms.md §2.1): ``floor(floor(frac * T) / c) * c`` — Python
+    ``int()`` truncation, then rounded down to a multiple of the chunk size ``c``. Counts are rounded down
+    to a multiple of ``c`` too.
+    """
+    if isinstance(budget, bool):
+        raise TypeError(f"{name}={budget!r} must be a float fraction or an int token count")
+    if isinstance(budget, float) or isinstance(budget, np.floating):
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"{name}={budget} as a fraction of the prompt must be in [0, 1]")
+        tokens = int(budget * prompt_len)
+    else:
+        tokens = int(budget)
+        if tokens < 0:
+            raise ValueError(f"{name}={tokens} tokens must be >= 0")
+        if tokens > prompt_len:
+            raise ValueError(f"{name}={tokens} tokens exceeds the prompt length {prompt_len} tokens")
+    return (tokens // multiple) * multiple
+
+
+def bucket_size(n: int, minimum: int = 16) -> int:
+    """Next power of two >= n (and >= minimum): the compile bucket of a dynamic size."""
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Base of all policy configs."""
+
+
+class Policy:
+    """Base class; subclasses set ``name``, ``config`` and implement build/decode."""
+
+    name: ClassVar[str] = "base"
+    host_fields: ClassVar[tuple[str, ...]] = ()
+    fixed_fields: ClassVar[tuple[str, ...]] = ()
+    needs_queries: ClassVar[bool] = False
+
+    def __init__(self, config: PolicyConfig | None = None, **overrides):
+        cfg_cls = type(self).config_class
+        self.config = dataclasses.replace(config or cfg_cls(), **overrides)
+
+    config_class: ClassVar[type] = PolicyConfig
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.config})"
+
+    def __hash__(self):
+        return hash((type(self), self.config))
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.config == other.config
+
+    # -- to implement
+    def validate(self, mcfg, lengths: np.ndarray, max_new: int) -> None:
+        """Raise a clear error for prompts this policy cannot serve (before anything is compiled)."""
+
+    def prepare(self, mcfg, params) -> Any:
+        """Per-layer static data from the model weights (leading ``[L]`` on every leaf), or None."""
+        return None
+
+    def build(self, mcfg, k, v, lengths, max_new: int, extra=None, q=None) -> Any:
+        raise NotImplementedError
+
+    def decode(self, mcfg, state, layer, q, k_pre, k, v, pos, h=None) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def static_key(self, lengths: np.ndarray, max_new: int) -> tuple:
+        """Hashable budget bucket: shapes of the state depend only on this (plus batch and prompt bucket)."""
+        return ()
+
+    # -- shared
+    def memory_report(self, state, lengths) -> dict:
+        rep = cache_mod.memory_report(state, lengths, fixed_fields=self.fixed_fields)
+        rep["policy"] = self.name
+        return rep
+
+    def attended_mask(self, mcfg, state, layer, q, pos):
+        """Optional: bool ``[B, Hkv, Tb]`` of the prompt tokens the policy attends at this step in this
+        layer (for the attention-recall metric). Policies that support it override this."""
+        return None
