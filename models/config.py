@@ -106,7 +106,10 @@ class ModelConfig:
             raise ValueError(f"model_type={mt!r} is not supported; kvjax implements 'llama' and 'qwen3' (dense)")
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        rs = cfg.get("rope_scaling") or None
+        # transformers 5 writes theta and scaling inside "rope_parameters"; 4.x at the top level.
+        rp = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rp.get("rope_theta", 10000.0))
+        rs = cfg.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
         scaling = None
         if rs:
             rtype = rs.get("rope_type", rs.get("type"))
@@ -124,7 +127,7 @@ class ModelConfig:
             family=family, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=head_dim,
-            rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=scaling,
+            rope_theta=float(theta), rope_scaling=scaling,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
