@@ -1,0 +1,622 @@
+"""YAKV: per-token landmarks quantized to ~2 bits score every prompt token; the selected keys/values come from host.
+
+The method of arXiv 2604.08426 (algorithms.md §3). Per layer and per KV head, every prompt token outside the
+always-kept windows has a *landmark* — its own post-RoPE key (``chunk_size=1``), HIGGS-quantized with EDEN4-256
+(2 bits/value) — kept on the device. Each decode step scores all landmarks against the new query, takes the top-k,
+fetches those tokens' keys and values from the offloaded store in host memory and attends exactly over
+
+    sinks (prefix) ∪ selected ∪ local window (last prompt tokens) ∪ generated tokens.
+
+Two configurations of the paper (``YakvConfig`` defaults = the accuracy-eval path, §3.1; preset ``"yakv-serving"`` =
+the GPU inference path, §3.2):
+
+==========================  ====================================  =========================================
+                            eval (default)                        serving
+==========================  ====================================  =========================================
+sinks / local window        0 / last 64 prompt tokens             ceil(0.00625 T) / ceil(0.00625 T)
+sparse budget               floor(T/32) tokens                    floor(0.015625 T), total >= 512
+scoring                     max_g bf16(softmax_f32(q·l/√D))       bf16(mean_g(q) · l), no scale/softmax
+landmark HIGGS group        one head (D), fp32 scales             whole token (C = Hkv·D)
+offloaded keys              pre-RoPE, HIGGS d=2 n=256 (4 bit),    post-RoPE, fp8 e4m3
+                            group C, quantize→dequantize
+offloaded values            HIGGS d=2 n=256, group C, qdq         fp8 e4m3
+no pruning when             T <= min_seqlen_to_prune = 0          T <= 512
+==========================  ====================================  =========================================
+
+Where this differs from the authors' code, on purpose:
+
+* Generated tokens and the local window are always exact on the device (as in the eval path; the inference path
+  keeps them fp8 in the offloaded store).
+* Landmarks are stored packed (codes + scales) and dequantized every step, as the inference path does; the eval
+  path dequantizes once at prefill (same numbers, 7x the device memory). The HIGGS decode stays in float32 (the eval
+  path rounds through float16 before the inverse Hadamard), so landmark scores match the Pallas scorer.
+* Pre-RoPE keys are recovered at build time by rotating the post-RoPE prefill keys back (RoPE at ``-p``): the
+  engine keeps only post-RoPE keys. In float32 this is exact to rounding; in bf16 it adds one bf16 rounding of the
+  rotated key before the 4-bit quantization.
+* RoPE of the fetched keys uses float32 tables (as the model itself does), not the eval path's bf16 tables.
+* Prompts that cannot be pruned (``T <= min_seqlen_to_prune``, or sinks + local + sparse covering the whole prompt)
+  keep every prompt token exact on the device (``exact_fallback``) instead of reading all of them from the
+  (quantized) store, so they decode exactly like full attention.
+* Budget rounding: the sparse budget uses :func:`kvjax.policies.base.resolve_budget` (Python ``int(frac*T)``, the eval
+  path); sink/local fractions use the inference path's float32 ``ceil``.
+* A Hadamard group must be a power of two. ``store_hadamard_group="token"`` means ``C = Hkv·D`` when that is a power
+  of two (every paper model), else the largest power of two dividing ``C`` (SmolLM2-135M: C = 192 -> 64).
+
+Shapes are static per prompt bucket ``Tb`` (the engine pads prompts to a power of two): the exact window holds
+``W`` tokens and top-k selects ``Kc`` chunks, both the maxima of the per-prompt plan over every length ``T <= Tb``,
+so decode compiles once per (batch, prompt bucket = budget bucket, generation bucket). Ragged batches mask each
+sequence's own budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from models.transformer import rope_tables
+
+from .. import offload
+from ..attention import attend_rows
+from ..cache import write_token
+from ..quant import fp8_decode, fp8_encode, higgs_decode, higgs_encode, higgs_qdq, load_grid
+from ..quant.higgs import HiggsCodes, HiggsConfig, code_bits
+from .base import Policy, PolicyConfig, bucket_size, resolve_budget
+
+SCORINGS = ("softmax_max", "mean_dot")
+STORE_FORMATS = ("higgs_qdq", "higgs_packed", "fp8", "none")
+LANDMARK_QUANTS = ("higgs", "none")
+GROUP_NAMES = ("head", "token")
+
+
+@dataclasses.dataclass(frozen=True)
+class YakvConfig(PolicyConfig):
+    """YAKV hyper-parameters; defaults are the paper's accuracy-eval configuration (algorithms.md §3.1, §9).
+
+    Budgets: a ``float`` is a fraction of the prompt length ``T`` (in [0, 1]), an ``int`` a number of tokens.
+
+    Attributes:
+      chunk_size: landmark chunk ``c`` in tokens (1 = one landmark per token; > 1 = mean of ``c`` post-RoPE keys,
+        ShadowKV-style ablation). Selection and fetch are per chunk.
+      local_budget: exact local window = the last prompt tokens (eval 64; serving 0.00625, ceil).
+      sparse_budget: tokens selected per KV head, layer and step (eval 1/32 -> ``floor(T/32)``).
+      prefix_budget: exact sink tokens at the start of the prompt (eval 0; serving 0.00625, ceil).
+      min_seqlen_to_prune: prompts of at most this many tokens are not pruned (eval 0, serving 512). For longer
+        prompts the attended total is raised to at least this many tokens (serving rule).
+      exact_fallback: prompts that cannot be pruned keep all their tokens exact on the device (True), or (False) a
+        budget covering the whole prompt selects every landmark through the offloaded store.
+      scoring: ``"softmax_max"`` (eval) or ``"mean_dot"`` (serving).
+      score_dtype: dtype of the scores before top-k ("bfloat16" as in the paper; "float32" avoids ties).
+      landmark_quant: ``"higgs"`` (packed codes + scales on the device) or ``"none"`` (landmarks in the model dtype).
+      landmark_d, landmark_n: EDEN grid of the landmarks (4, 256 -> 2 bits/value).
+      landmark_hadamard_group: ``"head"`` (= D, eval), ``"token"`` (= C, serving) or an int (a power of two dividing
+        D, or a multiple of D dividing C).
+      landmark_scale_dtype: "float32" (eval) or "bfloat16" (serving).
+      store_format: offloaded K/V format: ``"higgs_qdq"`` (eval numerics: quantize->dequantize at build, kept in the
+        model dtype), ``"higgs_packed"`` (uint8 codes + scales on host, dequantized on the device after the fetch;
+        real transfer savings), ``"fp8"`` (e4m3, saturating) or ``"none"`` (model dtype).
+      store_d, store_n: EDEN grid of the store (2, 256 -> 4 bits/value).
+      store_hadamard_group: ``None`` = ``"token"`` for higgs_qdq (group C, eval) and ``"head"`` for higgs_packed
+        (each KV head fetchable on its own); or ``"head"``, ``"token"``, an int.
+      store_scale_dtype: scale dtype of the store's HIGGS codes.
+      keys_pre_rope: store keys before RoPE and re-apply RoPE at each fetched token's own position (eval) or store
+        post-RoPE keys (serving).
+      fetch_backend: :func:`kvjax.offload.fetch_rows` backend: ``"host_gather"``, ``"chunk_slices"`` (for
+        ``chunk_size > 1``) or ``"device"`` (the store stays on the device: the eval path's offload simulation).
+      score_backend: ``"auto"``: HIGGS landmarks grouped per head (the eval default) are scored by
+        ``pallas_kernels.dispatch.score_landmarks`` (the Pallas kernel on TPU, its jnp reference elsewhere), other
+        layouts by :func:`score_landmarks`; ``"jnp"``: always :func:`score_landmarks` on dequantized landmarks.
+    """
+
+    chunk_size: int = 1
+    local_budget: float | int = 64
+    sparse_budget: float | int = 0.015625 * 2
+    prefix_budget: float | int = 0
+    min_seqlen_to_prune: int = 0
+    exact_fallback: bool = True
+    scoring: str = "softmax_max"
+    score_dtype: str = "bfloat16"
+    landmark_quant: str = "higgs"
+    landmark_d: int = 4
+    landmark_n: int = 256
+    landmark_hadamard_group: int | str = "head"
+    landmark_scale_dtype: str = "float32"
+    store_format: str = "higgs_qdq"
+    store_d: int = 2
+    store_n: int = 256
+    store_hadamard_group: int | str | None = None
+    store_scale_dtype: str = "float32"
+    keys_pre_rope: bool = True
+    fetch_backend: str = "host_gather"
+    score_backend: str = "auto"
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        need(isinstance(self.chunk_size, (int, np.integer)) and self.chunk_size >= 1,
+             f"chunk_size={self.chunk_size!r} must be an int >= 1 tokens")
+        for name in ("local_budget", "sparse_budget", "prefix_budget"):
+            b = getattr(self, name)
+            if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name}={b!r} must be a float fraction of the prompt or an int token count")
+            if isinstance(b, (float, np.floating)):
+                need(0.0 <= b <= 1.0, f"{name}={b} as a fraction of the prompt must be in [0, 1]")
+            else:
+                need(b >= 0, f"{name}={b} tokens must be >= 0")
+        fr = [getattr(self, n) for n in ("local_budget", "sparse_budget", "prefix_budget")]
+        if all(isinstance(b, (float, np.floating)) for b in fr):
+            need(sum(fr) <= 1.0, f"prefix_budget + sparse_budget + local_budget = {sum(fr)} must be <= 1 "
+                                 "(fractions of the prompt)")
+        need(self.min_seqlen_to_prune >= 0, f"min_seqlen_to_prune={self.min_seqlen_to_prune} tokens must be >= 0")
+        need(self.scoring in SCORINGS, f"scoring={self.scoring!r} must be one of {SCORINGS}")
+        need(self.score_dtype in ("bfloat16", "float32"), f"score_dtype={self.score_dtype!r} must be "
+                                                         "'bfloat16' or 'float32'")
+        need(self.landmark_quant in LANDMARK_QUANTS,
+             f"landmark_quant={self.landmark_quant!r} must be one of {LANDMARK_QUANTS}")
+        need(self.store_format in STORE_FORMATS, f"store_format={self.store_format!r} must be one of {STORE_FORMATS}")
+        need(self.score_backend in ("auto", "jnp"), f"score_backend={self.score_backend!r} must be 'auto' or 'jnp'")
+        need(self.fetch_backend in offload.BACKENDS,
+             f"fetch_backend={self.fetch_backend!r} must be one of {offload.BACKENDS}")
+        for name in ("landmark_hadamard_group", "store_hadamard_group"):
+            g = getattr(self, name)
+            if g is None and name == "store_hadamard_group":
+                continue
+            if isinstance(g, str):
+                need(g in GROUP_NAMES, f"{name}={g!r} must be one of {GROUP_NAMES} or a power-of-two int")
+            else:
+                need(isinstance(g, (int, np.integer)) and g >= 1 and g & (g - 1) == 0,
+                     f"{name}={g!r} must be a power of two (values per Hadamard group) or one of {GROUP_NAMES}")
+        if self.landmark_quant == "higgs":
+            need(self.landmark_n <= 256, f"landmark_n={self.landmark_n} grid points must be <= 256 (uint8 codes)")
+        if self.store_format.startswith("higgs"):
+            need(self.store_n <= 256, f"store_n={self.store_n} grid points must be <= 256 (uint8 codes)")
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def _resolve_group(spec, D: int, C: int, name: str) -> int:
+    """Hadamard group size in values for a spec ("head", "token" or an int) and head dim D / channel size C."""
+    if spec == "head":
+        g = D
+    elif spec == "token":
+        g = C if C & (C - 1) == 0 else _pow2_divisor(C)
+    else:
+        g = int(spec)
+    if g & (g - 1) or g < 1:
+        raise ValueError(f"{name}: Hadamard group {g} values (head_dim={D}) must be a power of two")
+    if C % g:
+        raise ValueError(f"{name}={spec!r}: Hadamard group {g} values does not divide the channel size "
+                         f"C = num_kv_heads*head_dim = {C} values")
+    if g < D and D % g:
+        raise ValueError(f"{name}={spec!r}: Hadamard group {g} values does not divide head_dim={D}")
+    if g > D and g % D:
+        raise ValueError(f"{name}={spec!r}: Hadamard group {g} values is not a whole number of heads (head_dim={D})")
+    return g
+
+
+@struct.dataclass
+class YakvState:
+    """Layer-stacked YAKV state (every leaf ``[L, B, ...]``; ``W`` exact-window slots, ``Ng`` generated slots,
+    ``NL`` landmark slots, ``Tb`` prompt bucket).
+
+    Device:
+      win_k, win_v: ``[L, B, Hkv, W, D]`` exact post-RoPE K/V of the sinks and the local window (all prompt tokens
+        for prompts that are not pruned); win_pos int32 ``[L, B, W]``: their token positions, -1 = empty.
+      gen_k, gen_v: ``[L, B, Hkv, Ng, D]`` exact post-RoPE K/V of the generated tokens (slot ``p - T``).
+      lm: unquantized landmarks ``[L, B, Hkv, NL, D]`` (``landmark_quant="none"``), else None.
+      lm_codes / lm_scales: HIGGS landmarks: uint8 ``[L, B, Hkv, NL, D/d]`` / ``[L, B, Hkv, NL, D/G]`` (group within a
+        head) or ``[L, B, NL, C/d]`` / ``[L, B, NL, C/G]`` (group spans heads); landmark ``m`` covers tokens
+        ``prefix + m*c .. prefix + m*c + c - 1``.
+      length, prefix, n_lm, n_sel: int32 ``[L, B]``: prompt length, sink tokens, valid landmarks, selected chunks.
+    Host (pinned_host unless ``fetch_backend="device"``):
+      k_store, v_store: ``[L, B, Hkv, Tb, D]`` in the model dtype (higgs_qdq / none) or fp8; uint8 codes
+        ``[L, B, Hkv, Tb, D/d]`` for higgs_packed, with k_scales / v_scales ``[L, B, Hkv, Tb, D/G]`` (else None).
+        Keys are pre-RoPE when ``keys_pre_rope``.
+    """
+
+    win_k: jax.Array
+    win_v: jax.Array
+    win_pos: jax.Array
+    gen_k: jax.Array
+    gen_v: jax.Array
+    lm: jax.Array | None
+    lm_codes: jax.Array | None
+    lm_scales: jax.Array | None
+    length: jax.Array
+    prefix: jax.Array
+    n_lm: jax.Array
+    n_sel: jax.Array
+    k_store: jax.Array
+    v_store: jax.Array
+    k_scales: jax.Array | None
+    v_scales: jax.Array | None
+
+
+def _ceil_tokens(budget, T: np.ndarray) -> np.ndarray:
+    """Sink / local tokens: float fraction -> float32 ``ceil(frac * T)`` (inference path); int -> the count."""
+    if isinstance(budget, (float, np.floating)):
+        return np.ceil(np.float32(budget) * T.astype(np.float32)).astype(np.int64)
+    return np.full_like(T, int(budget))
+
+
+def _floor_tokens(budget, T: np.ndarray) -> np.ndarray:
+    """Sparse tokens: float -> ``int(frac * T)`` in float64, the same IEEE product and truncation as
+    :func:`resolve_budget` (eval path); int -> the count."""
+    if isinstance(budget, (float, np.floating)):
+        return np.floor(np.float64(budget) * T.astype(np.float64)).astype(np.int64)
+    return np.full_like(T, int(budget))
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_table(cfg: YakvConfig, Tb: int) -> dict:
+    """The per-prompt plan for every prompt length ``T`` in ``[0, Tb]`` (numpy int32 tables indexed by T) and the
+    static caps (window W, top-k chunks Kc, landmark slots NL) = its maxima.
+
+    Per prompt (algorithms.md §3.2 budget split, with the eval path's rounding of the sparse budget)::
+
+        prefix = min(ceil(prefix_budget*T), T);  local = min(ceil(local_budget*T), T - prefix)
+        infix = T - prefix - local;  local += infix mod c;  n_lm = (T - prefix - local) / c
+        n_sel = min(floor(sparse*T) // c, n_lm)   (raised so the total reaches min_seqlen_to_prune)
+        not pruned (exact, all T tokens in the window) if T <= min_seqlen_to_prune, n_lm == 0, or
+        (exact_fallback and n_sel == n_lm)
+    """
+    c = cfg.chunk_size
+    T = np.arange(Tb + 1, dtype=np.int64)
+    prefix = np.minimum(_ceil_tokens(cfg.prefix_budget, T), T)
+    local = np.minimum(_ceil_tokens(cfg.local_budget, T), T - prefix)
+    infix = T - prefix - local
+    local = local + infix % c
+    n_lm = (T - prefix - local) // c
+    n_sel = np.minimum(_floor_tokens(cfg.sparse_budget, T) // c, n_lm)
+    if cfg.min_seqlen_to_prune > 0:
+        total = prefix + n_sel * c + local
+        raise_ = (total < T) & (total < cfg.min_seqlen_to_prune)
+        n_sel = np.where(raise_, np.minimum(n_lm, np.maximum(cfg.min_seqlen_to_prune - prefix - local, 0) // c),
+                         n_sel)
+    fallback = (T <= cfg.min_seqlen_to_prune) | (n_lm == 0)
+    if cfg.exact_fallback:
+        fallback |= n_sel >= n_lm
+    prefix = np.where(fallback, T, prefix)
+    local = np.where(fallback, 0, local)
+    n_lm = np.where(fallback, 0, n_lm)
+    n_sel = np.where(fallback, 0, n_sel)
+    W = int(max(1, (prefix + local).max()))
+    W = -(-W // 8) * 8
+    return {"prefix": prefix.astype(np.int32), "local": local.astype(np.int32), "n_lm": n_lm.astype(np.int32),
+            "n_sel": n_sel.astype(np.int32), "fallback": fallback, "W": W, "Kc": int(n_sel.max()),
+            "NL": int(n_lm.max())}
+
+
+def _rope(x, pos, mcfg, inverse: bool = False):
+    """RoPE (rotate-half) of x ``[..., D]`` at integer positions ``pos`` (x.shape[:-1]); float32 math, x's dtype.
+    ``inverse`` rotates by ``-p`` (post-RoPE -> pre-RoPE)."""
+    cos, sin = rope_tables(mcfg, pos)
+    if inverse:
+        sin = -sin
+    xf = x.astype(jnp.float32)
+    h = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def score_landmarks(q, lm, n_lm, scoring: str = "softmax_max", score_dtype=jnp.bfloat16):
+    """YAKV landmark scores, pure jnp. q ``[B, H, D]`` post-RoPE; lm ``[B, Hkv, NL, D]`` (dequantized landmarks,
+    any float dtype); n_lm int32 ``[B]`` valid landmarks. Returns ``[B, Hkv, NL]`` in ``score_dtype``, ``-inf`` for
+    ``m >= n_lm[b]``.
+
+    ``softmax_max`` (eval, §3.1): ``max_g score_dtype(softmax_m f32(q_g · l_m / sqrt(D)))`` over the GQA group.
+    ``mean_dot`` (serving, §3.2): ``score_dtype(mean_g(q_g) · l_m)`` with the mean and the dot in float32.
+    Same semantics as ``pallas_kernels.score.score_landmarks_ref`` (modes "eval" / "serve").
+    """
+    B, H, D = q.shape
+    Hkv, NL = lm.shape[1], lm.shape[2]
+    qf = q.astype(jnp.float32).reshape(B, Hkv, H // Hkv, D)
+    lf = lm.astype(jnp.float32)
+    valid = (jnp.arange(NL)[None, :] < n_lm[:, None])[:, None, :]  # [B, 1, NL]
+    hi = jax.lax.Precision.HIGHEST
+    if scoring == "mean_dot":
+        s = jnp.einsum("bhd,bhmd->bhm", jnp.mean(qf, axis=2), lf, precision=hi)
+        return jnp.where(valid, s, -jnp.inf).astype(score_dtype)
+    s = jnp.einsum("bhgd,bhmd->bhgm", qf, lf, precision=hi) * (1.0 / float(np.sqrt(D)))
+    s = jnp.where(valid[:, :, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    z = jnp.sum(e, axis=-1, keepdims=True)
+    p = (e / jnp.where(z > 0, z, 1.0)).astype(score_dtype)
+    return jnp.where(valid, jnp.max(p, axis=2), -jnp.inf).astype(score_dtype)
+
+
+class YakvPolicy(Policy):
+    """YAKV (see the module docstring). ``make_policy("yakv")`` = eval defaults; ``"yakv-serving"`` = §3.2."""
+
+    name = "yakv"
+    config_class = YakvConfig
+    config: YakvConfig
+
+    _HOST = ("k_store", "v_store", "k_scales", "v_scales")
+    _FIXED = ("gen_k", "gen_v", "length", "prefix", "n_lm", "n_sel")
+
+    @property
+    def host_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+        return () if self.config.fetch_backend == "device" else self._HOST
+
+    @property
+    def fixed_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Generated slots and per-sequence scalars; the exact window too when its size does not grow with the
+        prompt (sink and local budgets given in tokens, and no ``min_seqlen_to_prune`` floor)."""
+        cfg = self.config
+        fixed_window = (not isinstance(cfg.local_budget, float) and not isinstance(cfg.prefix_budget, float))
+        return self._FIXED + (("win_k", "win_v", "win_pos") if fixed_window else ())
+
+    # ------------------------------------------------------------------ helpers
+    def _groups(self, mcfg):
+        D, C = mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
+        cfg = self.config
+        lg = _resolve_group(cfg.landmark_hadamard_group, D, C, "landmark_hadamard_group")
+        spec = cfg.store_hadamard_group
+        if spec is None:
+            spec = "head" if cfg.store_format == "higgs_packed" else "token"
+        sg = _resolve_group(spec, D, C, "store_hadamard_group")
+        if cfg.store_format == "higgs_packed" and sg > D:
+            raise ValueError(f"store_hadamard_group={spec!r} ({sg} values) spans several KV heads; higgs_packed needs "
+                             f"a group dividing head_dim={D} so each head's rows can be fetched on their own")
+        return lg, sg
+
+    def _lm_cfg(self, mcfg) -> HiggsConfig:
+        c = self.config
+        return HiggsConfig(c.landmark_d, c.landmark_n, self._groups(mcfg)[0], c.landmark_scale_dtype)
+
+    def _store_cfg(self, mcfg) -> HiggsConfig:
+        c = self.config
+        return HiggsConfig(c.store_d, c.store_n, self._groups(mcfg)[1], c.store_scale_dtype)
+
+    def plan(self, lengths, Tb: int | None = None) -> dict:
+        """Per-sequence plan (numpy): prefix, local, n_lm, n_sel (chunks), fallback, for prompt ``lengths``."""
+        lengths = np.asarray(lengths, np.int64)
+        tb = int(Tb if Tb is not None else lengths.max())
+        t = _plan_table(self.config, tb)
+        return {k: t[k][lengths] for k in ("prefix", "local", "n_lm", "n_sel", "fallback")}
+
+    # ------------------------------------------------------------------ interface
+    def validate(self, mcfg, lengths, max_new: int) -> None:
+        """Config/model compatibility and per-prompt budget checks (clear ValueErrors)."""
+        cfg = self.config
+        lengths = np.asarray(lengths)
+        if max_new < 1:
+            raise ValueError(f"max_new={max_new} generated-token slots must be >= 1")
+        D, C = mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
+        lg, sg = self._groups(mcfg)
+        if cfg.landmark_quant == "higgs":
+            if lg % cfg.landmark_d:
+                raise ValueError(f"landmark_d={cfg.landmark_d} must divide the landmark Hadamard group ({lg} values)")
+            HiggsConfig(cfg.landmark_d, cfg.landmark_n, lg, cfg.landmark_scale_dtype)
+        if cfg.store_format.startswith("higgs"):
+            if sg % cfg.store_d:
+                raise ValueError(f"store_d={cfg.store_d} must divide the store Hadamard group ({sg} values)")
+            HiggsConfig(cfg.store_d, cfg.store_n, sg, cfg.store_scale_dtype)
+        if cfg.fetch_backend == "chunk_slices" and cfg.chunk_size == 1:
+            pass  # allowed (one DMA per token); documented as slow on TPU
+        for i, T in enumerate(lengths.tolist()):
+            if T <= cfg.min_seqlen_to_prune:
+                continue  # never pruned: decoded exactly, budgets do not apply
+            where = f" (prompt {i} has {T} tokens)"
+            for name in ("prefix_budget", "local_budget", "sparse_budget"):
+                b = getattr(cfg, name)
+                if not isinstance(b, float) and b > T:
+                    raise ValueError(f"{name}={b} tokens exceeds the prompt length{where}; use a smaller budget, a "
+                                     f"fraction, or min_seqlen_to_prune >= {T} to decode such prompts exactly")
+            resolve_budget(cfg.sparse_budget, T, cfg.chunk_size, name="sparse_budget")
+
+    def static_key(self, lengths, max_new: int) -> tuple:
+        """The budget bucket (window slots, top-k chunks, landmark slots) of the power-of-two prompt bucket of the
+        longest prompt. State shapes are a function of the prompt bucket ``Tb`` (which the engine keys on too)."""
+        t = _plan_table(self.config, bucket_size(int(np.max(lengths))))
+        return ("yakv", t["W"], t["Kc"], t["NL"])
+
+    def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None) -> YakvState:
+        """One layer's state from the exact prefill K/V (k post-RoPE, v: ``[B, Hkv, Tb, D]``)."""
+        cfg = self.config
+        B, Hkv, Tb, D = k.shape
+        c = cfg.chunk_size
+        tbl = _plan_table(cfg, Tb)
+        W, NL = tbl["W"], tbl["NL"]
+        dt = k.dtype
+        lengths = lengths.astype(jnp.int32)
+        Tc = jnp.clip(lengths, 0, Tb)
+        prefix = jnp.asarray(tbl["prefix"])[Tc]
+        local = jnp.asarray(tbl["local"])[Tc]
+        n_lm = jnp.asarray(tbl["n_lm"])[Tc]
+        n_sel = jnp.asarray(tbl["n_sel"])[Tc]
+
+        def gather_tokens(x, tok):  # x [B, Hkv, Tb, D], tok [B, N] -> [B, Hkv, N, D]
+            t = jnp.clip(tok, 0, Tb - 1)[:, None, :, None]
+            return jnp.take_along_axis(x, t, axis=2, mode="promise_in_bounds")
+
+        # exact window: sinks [0, prefix) then the local window [T - local, T)
+        j = jnp.arange(W, dtype=jnp.int32)[None, :]
+        wpos = jnp.where(j < prefix[:, None], j, lengths[:, None] - local[:, None] + (j - prefix[:, None]))
+        wvalid = j < (prefix + local)[:, None]
+        win_pos = jnp.where(wvalid, wpos, -1)
+        wmask = wvalid[:, None, :, None]
+        win_k = jnp.where(wmask, gather_tokens(k, wpos), 0).astype(dt)
+        win_v = jnp.where(wmask, gather_tokens(v, wpos), 0).astype(dt)
+
+        # landmarks: mean of each chunk's post-RoPE keys
+        m = jnp.arange(NL, dtype=jnp.int32)
+        tok = prefix[:, None, None] + m[None, :, None] * c + jnp.arange(c, dtype=jnp.int32)  # [B, NL, c]
+        lk = gather_tokens(k, tok.reshape(B, NL * c)).reshape(B, Hkv, NL, c, D)
+        lk = jnp.mean(lk.astype(jnp.float32), axis=3) if c > 1 else lk[:, :, :, 0]
+        lk = jnp.where((m[None, :] < n_lm[:, None])[:, None, :, None], lk, 0).astype(dt)
+        lm = lm_codes = lm_scales = None
+        if cfg.landmark_quant == "none":
+            lm = lk
+        else:
+            hc = self._lm_cfg(mcfg)
+            grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n))
+            if hc.hadamard_group <= D:
+                codes = higgs_encode(lk, grid, hc)
+            else:  # group spans heads: quantize token rows [B, NL, C]
+                codes = higgs_encode(lk.transpose(0, 2, 1, 3).reshape(B, NL, Hkv * D), grid, hc)
+            lm_codes, lm_scales = codes.codes, codes.scales
+
+        # offloaded store (all Tb rows; rows >= T are never selected)
+        ks = _rope(k, jnp.broadcast_to(jnp.arange(Tb)[None, None, :], (B, Hkv, Tb)), mcfg, inverse=True) \
+            if cfg.keys_pre_rope else k
+        k_store, v_store, k_scales, v_scales = self._encode_store(mcfg, ks, v)
+        if cfg.fetch_backend != "device":  # the aval must say host too (see offload.place_on_host)
+            k_store, v_store, k_scales, v_scales = (None if x is None else offload.place_on_host(x)
+                                                    for x in (k_store, v_store, k_scales, v_scales))
+        gen = jnp.zeros((B, Hkv, max_new, D), dt)
+        return YakvState(win_k, win_v, win_pos, gen, gen, lm, lm_codes, lm_scales, lengths, prefix, n_lm, n_sel,
+                         k_store, v_store, k_scales, v_scales)
+
+    def _encode_store(self, mcfg, ks, v):
+        cfg = self.config
+        fmt = cfg.store_format
+        if fmt == "none":
+            return ks, v, None, None
+        if fmt == "fp8":
+            return fp8_encode(ks), fp8_encode(v), None, None
+        hc = self._store_cfg(mcfg)
+        grid = jnp.asarray(load_grid(cfg.store_d, cfg.store_n))
+        if fmt == "higgs_packed":
+            kc, vc = higgs_encode(ks, grid, hc), higgs_encode(v, grid, hc)
+            return kc.codes, vc.codes, kc.scales, vc.scales
+        B, Hkv, Tb, D = ks.shape
+
+        def qdq(x):  # token rows [B, Tb, C], one Hadamard group per hc.hadamard_group values (eval: the whole row)
+            rows = x.transpose(0, 2, 1, 3).reshape(B, Tb, Hkv * D)
+            return higgs_qdq(rows, grid, hc).reshape(B, Tb, Hkv, D).transpose(0, 2, 1, 3).astype(x.dtype)
+
+        return qdq(ks), qdq(v), None, None
+
+    def _landmarks(self, mcfg, st, layer):
+        """Dequantized landmarks of one layer, ``[B, Hkv, NL, D]`` (float32 for HIGGS, model dtype otherwise)."""
+        cfg = self.config
+        if st.lm is not None:
+            return st.lm[layer]
+        hc = self._lm_cfg(mcfg)
+        grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n))
+        codes, scales = st.lm_codes[layer], st.lm_scales[layer]
+        x = higgs_decode(HiggsCodes(codes, scales), grid, hc, jnp.float32)
+        if x.ndim == 3:  # token layout [B, NL, C] -> [B, Hkv, NL, D]
+            B, NL, _ = x.shape
+            x = x.reshape(B, NL, mcfg.num_kv_heads, mcfg.head_dim).transpose(0, 2, 1, 3)
+        return x
+
+    def _score_kernel(self, mcfg):
+        """``pallas_kernels.dispatch.score_landmarks`` when it applies (packed per-head HIGGS landmarks, uint8 codes,
+        one scale per head, and a score dtype the kernel's mode produces), else None."""
+        cfg = self.config
+        if cfg.score_backend != "auto" or cfg.landmark_quant != "higgs":
+            return None
+        if code_bits(self._lm_cfg(mcfg)) != 8:  # the kernel reads one uint8 index per sub-vector
+            return None
+        if self._groups(mcfg)[0] != mcfg.head_dim or (cfg.scoring == "softmax_max" and cfg.score_dtype != "bfloat16"):
+            return None
+        try:
+            from pallas_kernels import dispatch
+        except ImportError:
+            return None
+        return getattr(dispatch, "score_landmarks", None)
+
+    def _select(self, mcfg, st, layer, q):
+        """Top-k chunk selection of one layer: chunk start tokens int32 ``[B, Hkv, Kc]`` and their validity
+        (``j < n_sel[b]``) ``[B, 1, Kc]``."""
+        cfg = self.config
+        Tb = st.k_store.shape[3]
+        Kc = _plan_table(cfg, Tb)["Kc"]
+        n_lm, n_sel, prefix = st.n_lm[layer], st.n_sel[layer], st.prefix[layer]
+        kernel = self._score_kernel(mcfg)
+        if kernel is not None:
+            grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n))
+            mode = "eval" if cfg.scoring == "softmax_max" else "serve"
+            scores = kernel(q, st.lm_codes[layer], st.lm_scales[layer][..., 0].astype(jnp.float32), grid, n_lm,
+                            mode=mode).astype(jnp.dtype(cfg.score_dtype))
+        else:
+            lm = self._landmarks(mcfg, st, layer)
+            scores = score_landmarks(q, lm, n_lm, cfg.scoring, jnp.dtype(cfg.score_dtype))
+        _, sel = jax.lax.top_k(scores, Kc)  # [B, Hkv, Kc], sorted by score
+        start = prefix[:, None, None] + sel.astype(jnp.int32) * cfg.chunk_size
+        valid = (jnp.arange(Kc)[None, :] < n_sel[:, None])[:, None, :]
+        return start, valid
+
+    def _fetch(self, mcfg, st, layer, start):
+        """Fetch the selected chunks' K/V from the store and decode them: post-RoPE k, v ``[B, Hkv, Kc*c, D]``."""
+        cfg = self.config
+        c = cfg.chunk_size
+        dt = st.win_k.dtype
+        fetch = functools.partial(offload.fetch_rows, layer=layer, idx=start, backend=cfg.fetch_backend, chunk=c)
+        kr, vr = fetch(st.k_store), fetch(st.v_store)
+        if cfg.store_format == "fp8":
+            kr, vr = fp8_decode(kr, dt), fp8_decode(vr, dt)
+        elif cfg.store_format == "higgs_packed":
+            hc = self._store_cfg(mcfg)
+            grid = jnp.asarray(load_grid(cfg.store_d, cfg.store_n))
+            kr = higgs_decode(HiggsCodes(kr, fetch(st.k_scales)), grid, hc, dt)
+            vr = higgs_decode(HiggsCodes(vr, fetch(st.v_scales)), grid, hc, dt)
+        kr, vr = kr.astype(dt), vr.astype(dt)
+        if cfg.keys_pre_rope:
+            B, Hkv, K = start.shape
+            tok = (start[..., None] + jnp.arange(c, dtype=jnp.int32)).reshape(B, Hkv, K * c)
+            kr = _rope(kr, tok, mcfg)
+        return kr, vr
+
+    def decode(self, mcfg, st: YakvState, layer, q, k_pre, k, v, pos, h=None):
+        """One decode step of one layer (see the module docstring). q ``[B, H, D]``, k/v ``[B, Hkv, D]``."""
+        c = self.config.chunk_size
+        length = st.length[layer]
+        slot = pos - length
+        Ng = st.gen_k.shape[3]
+        gen_k = write_token(st.gen_k, layer, k, jnp.clip(slot, 0, Ng - 1))
+        gen_v = write_token(st.gen_v, layer, v, jnp.clip(slot, 0, Ng - 1))
+        st = st.replace(gen_k=gen_k, gen_v=gen_v)
+        B, Hkv = k.shape[:2]
+        W = st.win_k.shape[3]
+        ks = [st.win_k[layer]]
+        vs = [st.win_v[layer]]
+        valid = [jnp.broadcast_to((st.win_pos[layer] >= 0)[:, None, :], (B, Hkv, W))]
+        Kc = _plan_table(self.config, st.k_store.shape[3])["Kc"]
+        if Kc > 0:
+            start, sel_valid = self._select(mcfg, st, layer, q)
+            kr, vr = self._fetch(mcfg, st, layer, start)
+            ks.append(kr)
+            vs.append(vr)
+            valid.append(jnp.broadcast_to(jnp.repeat(sel_valid, c, axis=2), (B, Hkv, Kc * c)))
+        ks.append(gen_k[layer])
+        vs.append(gen_v[layer])
+        valid.append(jnp.broadcast_to((jnp.arange(Ng)[None, :] <= slot[:, None])[:, None, :], (B, Hkv, Ng)))
+        out = attend_rows(q, jnp.concatenate(ks, axis=2), jnp.concatenate(vs, axis=2),
+                          jnp.concatenate(valid, axis=2))
+        return out, st
+
+    def selected_tokens(self, mcfg, st: YakvState, layer, q):
+        """Token indices selected from the store at this step, int32 ``[B, Hkv, Kc*c]``, -1 where not selected."""
+        c = self.config.chunk_size
+        start, valid = self._select(mcfg, st, layer, q)
+        B, Hkv, K = start.shape
+        tok = (start[..., None] + jnp.arange(c, dtype=jnp.int32)).reshape(B, Hkv, K * c)
+        return jnp.where(jnp.repeat(valid, c, axis=2), tok, -1)
+
+    def attended_mask(self, mcfg, st: YakvState, layer, q, pos):
+        """bool ``[B, Hkv, Tb]``: prompt tokens attended at this step in this layer (window ∪ selected)."""
+        Tb = st.k_store.shape[3]
+        B, Hkv = st.win_k.shape[1], st.win_k.shape[2]
+        mask = jnp.zeros((B, Hkv, Tb + 1), bool)
+        wpos = jnp.where(st.win_pos[layer] >= 0, st.win_pos[layer], Tb)  # [B, W]; Tb = the dump slot
+        bi = jnp.arange(B)[:, None, None]
+        hi = jnp.arange(Hkv)[None, :, None]
+        mask = mask.at[bi, hi, wpos[:, None, :]].set(True)
+        if _plan_table(self.config, Tb)["Kc"] > 0:
+            tok = self.selected_tokens(mcfg, st, layer, q)
+            mask = mask.at[bi, hi, jnp.where(tok >= 0, tok, Tb)].set(True)
+        return mask[..., :Tb]
