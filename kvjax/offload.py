@@ -43,6 +43,24 @@ def _to_host(x):
     return jax.device_put(x, jax.memory.Space.Host)
 
 
+def is_host(x) -> bool:
+    """Whether an array / tracer lives in host memory by its aval (``float32<host>[...]``)."""
+    try:
+        return jax.typeof(x).memory_space == jax.memory.Space.Host
+    except AttributeError:  # pragma: no cover - older avals
+        return False
+
+
+def place_on_host(x):
+    """Inside jit: move ``x`` to host memory so its aval (and the output array) is ``<host>``.
+
+    Use it on every host-resident leaf a jitted function returns: ``out_shardings`` with
+    ``memory_kind="pinned_host"`` alone gives arrays whose sharding says pinned_host but whose aval says device,
+    and a later jit then treats them as device operands (checked with JAX 0.10.2 on CPU).
+    """
+    return _to_host(x)
+
+
 def _token_indices(idx: jax.Array, chunk: int) -> jax.Array:
     """Chunk starts ``[B, Hkv, K]`` -> token indices ``[B, Hkv, K*chunk]`` (start, start+1, ..., start+chunk-1)."""
     if chunk == 1:
@@ -70,6 +88,12 @@ def fetch_rows(store: jax.Array, layer: jax.Array, idx: jax.Array, backend: str 
         raise ValueError(f"idx shape {idx.shape} must be [B={B}, Hkv={H}, K]")
     if chunk > T:
         raise ValueError(f"chunk={chunk} tokens exceeds the store length T={T} tokens")
+    if backend == "host_gather" and not is_host(store):
+        raise ValueError(
+            f"fetch_rows(backend='host_gather') needs a store whose aval is in host memory, got "
+            f"{jax.typeof(store)}. Arrays returned by jit with out_shardings memory_kind='pinned_host' keep a "
+            "device aval (JAX 0.10): device_put them to jax.memory.Space.Host inside the producing jit "
+            "(see place_on_host), or use backend='device' for a device-resident store")
     idx = jnp.clip(idx.astype(jnp.int32), 0, T - chunk)
     layer = jnp.asarray(layer, jnp.int32)
 

@@ -100,3 +100,19 @@ def test_fetch_rows_bad_args():
         offload.fetch_rows(store, 0, jnp.zeros((B, H + 1, 1), jnp.int32), backend="device")
     with pytest.raises(ValueError, match="chunk"):
         offload.fetch_rows(store, 0, jnp.zeros((B, H, 1), jnp.int32), backend="device", chunk=T + 1)
+
+
+def test_host_gather_needs_host_aval():
+    """jit out_shardings alone give a pinned_host sharding with a device aval; place_on_host fixes the aval, and
+    fetch_rows refuses a store whose aval is not in host memory (a clear error, not a silent device gather)."""
+    host_s, _, _ = _shardings(None)
+    x = np.ones((L, B, H, T, D), np.float32)
+    only_sharding = jax.jit(lambda a: a * 2, out_shardings=host_s)(x)
+    placed = jax.jit(lambda a: offload.place_on_host(a * 2), out_shardings=host_s)(x)
+    assert only_sharding.sharding.memory_kind == "pinned_host" == placed.sharding.memory_kind
+    assert offload.is_host(placed)
+    idx = jnp.zeros((B, H, 2), jnp.int32)
+    np.testing.assert_array_equal(jax.jit(lambda s: offload.fetch_rows(s, 1, idx))(placed), np.full((B, H, 2, D), 2))
+    if not offload.is_host(only_sharding):
+        with pytest.raises(ValueError, match="host memory"):
+            jax.jit(lambda s: offload.fetch_rows(s, 1, idx))(only_sharding)
