@@ -105,7 +105,7 @@ def _load_gguf(path: str, dt, mesh, name: str = "") -> LoadedModel:
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = ModelConfig.from_gguf_fields(fields, has_output, name=name or os.path.basename(path))
     params = load_gguf_params(reader, cfg, dt, mesh)
-    tok = tokenizer_from_gguf_fields(fields)
+    tok = tokenizer_from_gguf_fields(fields) if "tokenizer.ggml.tokens" in fields else None
     return _finish(cfg, params, dt, tok, path, mesh)
 
 
