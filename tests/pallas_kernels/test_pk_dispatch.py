@@ -1,0 +1,108 @@
+"""Backend dispatch: setting resolution, CPU paths, and per-platform lowering of the auto path."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import dispatch
+from pallas_kernels.decode_attention import decode_attention_kernel, decode_attention_ref
+from pallas_kernels.score import score_landmarks_kernel, score_landmarks_ref
+from pk_oracle import make_score_inputs
+
+
+@pytest.fixture(autouse=True)
+def _clean_setting(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    dispatch.set_use_kernels(None)
+    yield
+    dispatch.set_use_kernels(None)
+
+
+def test_setting_resolution(monkeypatch):
+    assert dispatch.get_use_kernels() == "auto"
+    monkeypatch.setenv(dispatch.ENV_VAR, "0")
+    assert dispatch.get_use_kernels() == "reference"
+    dispatch.set_use_kernels(True)                         # explicit setting beats the environment
+    assert dispatch.get_use_kernels() == "kernel"
+    with dispatch.kernels_override("interpret"):
+        assert dispatch.resolve_backend() == "interpret"
+    assert dispatch.get_use_kernels() == "kernel"
+    assert dispatch.resolve_backend(False) == "reference"  # argument beats the setting
+    assert dispatch.resolve_backend("auto", interpret=True) == "interpret"
+    with pytest.raises(ValueError, match="use_kernels='fast'"):
+        dispatch.resolve_backend("fast")
+    monkeypatch.setenv(dispatch.ENV_VAR, "sometimes")
+    dispatch.set_use_kernels(None)
+    with pytest.raises(ValueError, match="KVJAX_KERNELS"):
+        dispatch.get_use_kernels()
+
+
+def _attn_inputs():
+    rng = np.random.default_rng(0)
+    B, Hkv, G, D, S = 2, 2, 3, 64, 150
+    q = jnp.asarray(rng.standard_normal((B, Hkv * G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.float32)
+    valid = jnp.asarray(rng.random((B, 1, S)) < 0.8)
+    return q, k, v, valid
+
+
+def test_cpu_auto_runs_the_reference_and_forcing_runs_the_kernel():
+    q, k, v, valid = _attn_inputs()
+    lengths = jnp.asarray([150, 70], jnp.int32)
+    ref = decode_attention_ref(q, k, v, lengths=lengths, mask=valid)
+    auto = jax.jit(functools.partial(dispatch.decode_attention, use_kernels="auto"))(q, k, v, valid, lengths=lengths)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))      # same program on CPU: bitwise equal
+    kern = decode_attention_kernel(q, k, v, lengths=lengths, mask=valid, interpret=True)
+    for how in (dict(use_kernels=True), dict(interpret=True)):
+        forced = dispatch.decode_attention(q, k, v, valid, lengths=lengths, **how)
+        np.testing.assert_array_equal(np.asarray(forced), np.asarray(kern))
+    np.testing.assert_allclose(np.asarray(kern), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_score_dispatch_paths_agree():
+    rng = np.random.default_rng(1)
+    args = make_score_inputs(rng, 1, 2, 2, 64, 4, 200, lengths=[180])
+    ref = score_landmarks_ref(*args, mode="serve")
+    auto = jax.jit(functools.partial(dispatch.score_landmarks, mode="serve"))(*args)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))
+    with dispatch.kernels_override("interpret"):
+        forced = dispatch.score_landmarks(*args, mode="serve", block_tokens=128)
+    kern = score_landmarks_kernel(*args, mode="serve", block_tokens=128, interpret=True)
+    np.testing.assert_array_equal(np.asarray(forced), np.asarray(kern))
+    fin = np.isfinite(np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(forced)[fin], np.asarray(ref)[fin], rtol=1e-5, atol=1e-5)
+    assert (np.isneginf(np.asarray(forced)) == ~fin).all()
+
+
+def _lowered(fn, args, platform):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_auto_lowers_kernel_for_tpu_and_reference_elsewhere():
+    S = jax.ShapeDtypeStruct
+    B, Hkv, G, D, T = 1, 8, 4, 128, 131072
+    score_args = (S((B, Hkv * G, D), jnp.bfloat16), S((B, Hkv, T, D // 4), jnp.uint8), S((B, Hkv, T), jnp.float32),
+                  S((256, 4), jnp.float32), S((B,), jnp.int32))
+    attn_args = (S((B, Hkv * G, D), jnp.bfloat16), S((B, Hkv, 4096, D), jnp.bfloat16),
+                 S((B, Hkv, 4096, D), jnp.bfloat16), S((B, Hkv, 4096), jnp.bool_))
+    for fn, args in ((functools.partial(dispatch.score_landmarks, mode="eval"), score_args),
+                     (dispatch.decode_attention, attn_args)):
+        assert "tpu_custom_call" in _lowered(fn, args, "tpu")
+        for other in ("cpu", "cuda"):
+            text = _lowered(fn, args, other)
+            assert "tpu_custom_call" not in text and "mosaic_gpu" not in text and "triton" not in text
+    # forcing the reference keeps TPU on the reference too
+    text = _lowered(functools.partial(dispatch.decode_attention, use_kernels=False), attn_args, "tpu")
+    assert "tpu_custom_call" not in text
+
+
+def test_kvjax_attention_call_convention():
+    """kvjax.attention calls dispatch.decode_attention(q, k, v, valid, use_kernels=...) with valid [B, 1|Hkv, S]."""
+    q, k, v, valid = _attn_inputs()
+    for uk in ("auto", False):
+        out = dispatch.decode_attention(q, k, v, valid, use_kernels=uk)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(decode_attention_ref(q, k, v, mask=valid)),
+                                   rtol=1e-6, atol=1e-6)
