@@ -78,7 +78,7 @@ def _copy_timed(nbytes: int, repeats: int, in_place: bool = True) -> tuple[float
 
 
 def bench_score(lengths=(8192, 16384, 32768, 65536, 131072), *, shape: str = "smollm2", batch: int = 1,
-                modes=("serve", "eval"), d: int = 4, repeats: int = 7, ref_methods=(), attention: bool = True,
+                modes=("serve", "eval"), d: int = 4, repeats: int = 10, ref_methods=(), attention: bool = True,
                 seed: int = 0) -> list[dict]:
     """Measure landmark scoring on this machine; one row per (landmark count, mode, method).
 

@@ -449,7 +449,10 @@ def score_landmarks_kernel(q, codes, scales, grid, lengths, *, mode: Mode = "eva
         out_spec = pl.BlockSpec((None, Hkv, TB), lambda b, ph, t, lens: (b, 0, t))
         out_dtype = jnp.float32
         scratch = []
+    # Double-buffered VMEM: codes (minor dim padded to 128 lanes), scales + output, the tables; plus scratch.
     vmem = 2 * (Hkv * TB * max(J, _LANES) + 2 * Hkv * TB * 4 + lut.size // B * 4) + 4 * Hkv * P * _LANES * 4
+    # Raise the scoped-VMEM limit only when the default (16 MiB on v5e) could be too small; stay under v7x's 64 MiB.
+    vmem_limit = None if vmem < (12 << 20) else int(min(2 * vmem, 60 << 20))
     kernel = functools.partial(_score_kernel, Hkv=Hkv, P=P, TB=TB, mode=mode, method=method)
     return pl.pallas_call(
         kernel,
@@ -458,7 +461,6 @@ def score_landmarks_kernel(q, codes, scales, grid, lengths, *, mode: Mode = "eva
             scratch_shapes=scratch),
         out_shape=jax.ShapeDtypeStruct((B, Hkv, T), out_dtype),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary", "arbitrary"),
-            vmem_limit_bytes=int(min(max(32 << 20, 2 * vmem), 100 << 20))),
+            dimension_semantics=("parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=vmem_limit),
         interpret=interpret,
     )(lengths, codes, scales.astype(jnp.float32), lut)
