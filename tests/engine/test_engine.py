@@ -1,0 +1,143 @@
+"""Engine: chunked prefill + step decode == full forward, ragged batches, sharding, compile counts, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from kvjax import Engine, GenerationConfig, SamplingConfig
+from kvjax.compat import make_mesh
+from kvjax.engine import decode_step_pure
+from models import LoadedModel, ModelConfig, Transformer
+
+
+def tiny(family="llama", **kw):
+    base = dict(family=family, vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=8,
+                num_kv_heads=4, head_dim=16, rope_theta=10000.0, max_position_embeddings=512,
+                qk_norm=(family == "qwen3"), tie_word_embeddings=(family == "qwen3"))
+    base.update(kw)
+    cfg = ModelConfig(**base)
+    m = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(1))
+    # random (non-unit) norm scales so q/k-norm and RMSNorm mistakes show
+    p = m.params()
+    key = jax.random.key(2)
+    for name in [n for n in p if n.endswith("norm")]:
+        key, sub = jax.random.split(key)
+        p[name] = jax.random.uniform(sub, p[name].shape, jnp.float32, 0.5, 1.5)
+    m.set_params(p)
+    return LoadedModel(cfg, m, None)
+
+
+def prompts(n, lens, vocab=97, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=l).tolist() for l in lens][:n]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_prefill_then_decode_equals_full_forward(family, chunk):
+    lm = tiny(family)
+    eng = Engine(lm, prefill_chunk=chunk, min_prompt_bucket=16)
+    ps = prompts(2, [37, 21])
+    toks, lens, Tb = eng.prepare(ps, 8)
+    logits0, kv = eng.prefill(toks, lens)
+    state = eng.build(kv, lens, 8)
+    seqs = [list(p) for p in ps]
+    step_logits = [np.asarray(logits0)]
+    cur = np.asarray(logits0).argmax(-1)
+    step = jax.jit(lambda s, t, p: decode_step_pure(eng.params, lm.config, eng.policy, s, t, p))
+    for i in range(6):
+        for b in range(2):
+            seqs[b].append(int(cur[b]))
+        lg, state = step(state, jnp.asarray(cur, jnp.int32), jnp.asarray(lens + i, jnp.int32))
+        step_logits.append(np.asarray(lg))
+        cur = np.asarray(lg).argmax(-1)
+    for b in range(2):
+        full = np.asarray(models.forward_logits(lm.model, np.array([seqs[b]])))[0]
+        for i, lg in enumerate(step_logits[:-1]):
+            np.testing.assert_allclose(lg[b], full[lens[b] - 1 + i], atol=2e-4, rtol=1e-4)
+
+
+def test_ragged_batch_equals_single_runs():
+    lm = tiny()
+    eng = Engine(lm, min_prompt_bucket=16)
+    ps = prompts(3, [5, 40, 23])
+    gen = GenerationConfig(max_new_tokens=10, stop_ids=())
+    batch = eng.generate(ps, gen)
+    for b, p in enumerate(ps):
+        assert eng.generate([p], gen)[0].ids == batch[b].ids
+
+
+def test_sharded_mesh_gives_same_tokens():
+    lm = tiny()
+    ps = prompts(2, [30, 19])
+    gen = GenerationConfig(max_new_tokens=12, stop_ids=())
+    ref = [g.ids for g in Engine(lm).generate(ps, gen)]
+    mesh = make_mesh(data=2, model=4)
+    eng = Engine(lm, mesh=mesh)
+    out = eng.generate(ps, gen)
+    assert [g.ids for g in out] == ref
+    kshard = eng.last_state.k.sharding
+    assert kshard.spec[1] == "data" and kshard.spec[2] == "model" and len(kshard.device_set) == 8
+
+
+def test_decode_compiles_once_per_bucket():
+    lm = tiny()
+    eng = Engine(lm, min_prompt_bucket=64)
+    gen = GenerationConfig(max_new_tokens=20, stop_ids=())
+    eng.generate(prompts(1, [30]), gen)
+    eng.generate(prompts(1, [45], seed=1), GenerationConfig(max_new_tokens=33, stop_ids=()))  # same buckets
+    steps = list(eng._step_jit.values())
+    assert len(steps) == 1 and steps[0]._cache_size() == 1
+    assert all(f._cache_size() == 1 for f in eng._prefill_jit.values()) and len(eng._prefill_jit) == 1
+    # sampling settings are traced values: no recompilation either
+    eng.generate(prompts(1, [30]), GenerationConfig(max_new_tokens=20, sampling=SamplingConfig(0.8, 5, 0.9)))
+    assert steps[0]._cache_size() == 1
+
+
+def test_stop_ids_and_length():
+    lm = tiny()
+    eng = Engine(lm)
+    p = prompts(1, [12])
+    free = eng.generate(p, GenerationConfig(max_new_tokens=8, stop_ids=()))[0]
+    assert len(free.ids) == 8 and free.stop_reason == "length"
+    stop_tok = free.ids[3]
+    first = free.ids.index(stop_tok)
+    stopped = eng.generate(p, GenerationConfig(max_new_tokens=8, stop_ids=(stop_tok,)))[0]
+    assert stopped.ids == free.ids[:first] and stopped.stop_reason == "stop_id"
+
+
+def test_sampling_is_seeded_and_differs_from_greedy():
+    lm = tiny()
+    eng = Engine(lm)
+    p = prompts(1, [12])
+    s = SamplingConfig(temperature=1.5)
+    a = eng.generate(p, GenerationConfig(max_new_tokens=16, sampling=s, stop_ids=(), seed=3))[0].ids
+    b = eng.generate(p, GenerationConfig(max_new_tokens=16, sampling=s, stop_ids=(), seed=3))[0].ids
+    c = eng.generate(p, GenerationConfig(max_new_tokens=16, sampling=s, stop_ids=(), seed=4))[0].ids
+    g = eng.generate(p, GenerationConfig(max_new_tokens=16, stop_ids=()))[0].ids
+    assert a == b and a != c and a != g
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+def test_invalid_sampling_parameters(bad):
+    with pytest.raises(ValueError, match=list(bad)[0]):
+        SamplingConfig(**bad)
+
+
+def test_bad_prompts():
+    lm = tiny(max_position_embeddings=64)
+    eng = Engine(lm)
+    with pytest.raises(ValueError, match="longer than the model's context of 64 tokens"):
+        eng.generate(prompts(1, [80]), GenerationConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        eng.generate(prompts(1, [60]), GenerationConfig(max_new_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        eng.generate([[]], GenerationConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="outside"):
+        eng.generate([[1, 2, 500]], GenerationConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="not divisible by the mesh's data axis"):
+        Engine(lm, mesh=make_mesh(data=2, model=1)).generate(prompts(3, [5, 5, 5]), GenerationConfig(max_new_tokens=2))
