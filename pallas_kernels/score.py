@@ -34,7 +34,8 @@ Design: query-side LUT, not in-kernel dequantization
 Per token and KV head, dequantize-then-dot needs ``D`` grid lookups (``J`` sub-vectors of ``d`` values) and then
 ``P * D`` multiply-adds on the MXU; the LUT needs ``P * J = P * D / d`` lookups and no matmul. For the shapes we
 serve (``G <= d`` for Llama/Qwen3/SmolLM2 with EDEN4: paper G=4, smollm2 G=3; serving mode ``P = 1``) the LUT does
-no more lookups and removes the matmul. The tables cost ``B Hkv P J 256`` floats, built once per call (1 MiB for
+no more lookups and removes the matmul (Qwen3-30B-A3B's G = 8 in eval mode is the exception: twice the lookups,
+still no matmul). The tables cost ``B Hkv P J 256`` floats, built once per call (1 MiB for
 the paper's shape in eval mode, 256 KiB in serve mode).
 
 On TPU (reasoning; no TPU was available to measure): the MXU cannot help with an opaque 256-entry codebook — a
@@ -75,13 +76,25 @@ float32 LUT gather, J unrolled adds                4.2-4.5 ms     17-23 ms
 complex64 LUT (two tables per gather) + sum       1.0-2.0 ms      3.5-5.1 ms
 ==============================================  =============  ==============
 
+Pallas interpret mode on the same CPU (paper shape, T=4096, best of 5; interpret timings only rank the two
+kernel bodies, they say nothing absolute about TPU): serve ``gather`` 7.9 ms vs ``onehot`` 160 ms, eval 50 ms vs
+236 ms — the ~16-20x op-count gap estimated above for TPU; the reference ("lut") took 0.4 / 1.2 ms.
+
 The float32 gather + ``jnp.sum`` is slow because XLA CPU sends float32 reductions to a separate YNNPACK fusion,
 which materialises the gathered ``[.., T, J]`` array; a complex64 reduction stays in one loop fusion with the
 gather, and complex64 packs two query tables into one 8-byte gather. XLA also splits reductions longer than 32
 into reduce-window + reduce (breaking the fusion: d=2 codes, J=64, went from 2.5 ms to 62 ms), so the reference
 sums ``J`` in chunks of 32. ``method="lut"`` (default) is that formulation; ``"lut_f32"`` and ``"dequant"`` are
 kept for the benchmark. These are XLA CPU fusion heuristics of jax 0.10.2, not guarantees; pallas_kernels.bench
-re-measures them.
+re-measures them. Also tried for the eval mode (``P = G`` tables), without a gain beyond the noise: one pass per
+table (complex with a zero imaginary part, which XLA turns into a fused float32 gather), a variadic reduce of all
+tables in one fusion, and an optimisation barrier between the reduce and the real/imag split.
+
+Where this leaves the CPU path (pallas_kernels.bench, best of 10, 2 shared vCPUs under load): the serving rule
+reaches 2-6 GB/s of landmark bytes, i.e. 6-16 % of an in-place copy at 32K-131K landmarks (target 25 %), and
+costs 0.01-0.23 of full attention per cached token (target <= 0.25); the eval rule is 4-22x slower than the
+serving rule (G/2 table passes plus three softmax passes, and more exposed to the load). The remaining cost is one
+scalar table load per (token, sub-vector), about 1 cycle each; XLA CPU emits no SIMD in-register lookups.
 """
 from __future__ import annotations
 
