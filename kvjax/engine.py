@@ -226,8 +226,9 @@ class Engine:
         key = (pol, kv.k.shape, max_new, pol.static_key(lengths, max_new))
         if key not in self._build_jit:
             def build_all(kv, lens, extra):
-                return jax.vmap(lambda k, v, q, x: pol.build(cfg, k, v, lens, max_new, extra=x, q=q))(
-                    kv.k, kv.v, kv.q, extra)
+                # one layer at a time (lax.map), so build temporaries (SVD, quantizer) stay one layer big
+                return jax.lax.map(lambda a: pol.build(cfg, a[0], a[1], lens, max_new, extra=a[3], q=a[2]),
+                                   (kv.k, kv.v, kv.q, extra))
 
             abstract = jax.eval_shape(build_all, kv, jax.ShapeDtypeStruct(lengths.shape, jnp.int32), self._extra())
             shard = cache_mod.state_shardings(abstract, self.mesh, cfg.num_kv_heads, pol.host_fields)
@@ -272,6 +273,7 @@ class Engine:
         max_new = gen.max_new_tokens
         toks, lengths, Tb = self.prepare(ids, max_new)
         gen_bucket = bucket_size(max_new, 64)
+        self.policy.validate(self.cfg, lengths, gen_bucket)  # before anything is compiled
         t0 = time.perf_counter()
         logits, kv = self.prefill(toks, lengths)
         state = self.build(kv, lengths, gen_bucket)
