@@ -58,24 +58,39 @@ class Generation:
 
 
 # ----------------------------------------------------------------------------- pure functions
-def _prefill_attention(q, kc, vc, q_pos, lengths):
-    """Chunk queries against the whole cache buffer with causal + length masks.
+def _prefill_attention(q, kc, vc, q_pos, lengths, start):
+    """Chunk queries against the cache with causal + length masks, visiting only the key blocks at or
+    before the chunk (block-causal online softmax: the work is the causal half, not the whole buffer).
 
-    q ``[B, C, H, D]``, kc/vc ``[B, Hkv, S, D]``, q_pos ``[B, C]`` -> ``[B, C, H, D]``.
+    q ``[B, C, H, D]``, kc/vc ``[B, Hkv, S, D]`` (S a multiple of C), q_pos ``[B, C]``, ``start`` the
+    chunk's first position (traced). Returns ``[B, C, H, D]``.
     """
     B, C, H, D = q.shape
-    Hkv, S = kc.shape[1], kc.shape[2]
-    qg = q.reshape(B, C, Hkv, H // Hkv, D)
-    s = jnp.einsum("bchgd,bhsd->bhgcs", qg, kc, preferred_element_type=jnp.float32) * (1.0 / float(np.sqrt(D)))
-    kpos = jnp.arange(S)
-    mask = (kpos[None, None, :] <= q_pos[:, :, None]) & (kpos[None, None, :] < lengths[:, None, None])
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)  # fully masked (padding) rows
-    p = jnp.exp(s - m)
-    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-    o = jnp.einsum("bhgcs,bhsd->bchgd", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
-    return o.reshape(B, C, H, D).astype(q.dtype)
+    Hkv = kc.shape[1]
+    G = H // Hkv
+    qg = q.reshape(B, C, Hkv, G, D).transpose(0, 2, 3, 1, 4).astype(jnp.float32) * (1.0 / float(np.sqrt(D)))
+
+    def body(j, carry):
+        m, l, acc = carry
+        kb = jax.lax.dynamic_slice_in_dim(kc, j * C, C, axis=2).astype(jnp.float32)
+        vb = jax.lax.dynamic_slice_in_dim(vc, j * C, C, axis=2).astype(jnp.float32)
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kb)
+        kpos = j * C + jnp.arange(C)
+        mask = (kpos[None, None, :] <= q_pos[:, :, None]) & (kpos[None, None, :] < lengths[:, None, None])
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhgqk,bhkd->bhgqd", p, vb)
+        return m_new, l, acc
+
+    init = (jnp.full((B, Hkv, G, C), -jnp.inf, jnp.float32), jnp.zeros((B, Hkv, G, C), jnp.float32),
+            jnp.zeros((B, Hkv, G, C, D), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, start // C + 1, body, init)
+    o = acc / jnp.maximum(l, 1e-30)[..., None]
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, C, H, D).astype(q.dtype)
 
 
 def prefill_pure(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, chunk: int,
@@ -101,7 +116,7 @@ def prefill_pure(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: j
             z = jnp.zeros((), jnp.int32)
             kc = jax.lax.dynamic_update_slice(st.k, k.transpose(0, 2, 1, 3)[None], (layer, z, z, start, z))
             vc = jax.lax.dynamic_update_slice(st.v, v.transpose(0, 2, 1, 3)[None], (layer, z, z, start, z))
-            out = _prefill_attention(q, kc[layer], vc[layer], pos, lengths)
+            out = _prefill_attention(q, kc[layer], vc[layer], pos, lengths, start)
             qc = st.q
             if keep_q:
                 qc = jax.lax.dynamic_update_slice(st.q, q.transpose(0, 2, 1, 3)[None], (layer, z, z, start, z))
