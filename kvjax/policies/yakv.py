@@ -51,8 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -352,16 +350,22 @@ class YakvPolicy(Policy):
     @property
     def fixed_fields(self) -> tuple[str, ...]:  # type: ignore[override]
         """Generated slots and per-sequence scalars; the exact window too when its size does not grow with the
-        prompt (sink and local budgets given in tokens, and no ``min_seqlen_to_prune`` floor)."""
+        prompt (sink and local budgets given in tokens: ``W`` is then a constant, at most
+        ``max(min_seqlen_to_prune, prefix + local + chunk - 1)`` and the longest prompt that cannot be pruned)."""
         cfg = self.config
-        fixed_window = (not isinstance(cfg.local_budget, float) and not isinstance(cfg.prefix_budget, float))
+        fixed_window = not isinstance(cfg.local_budget, (float, np.floating)) and \
+            not isinstance(cfg.prefix_budget, (float, np.floating))
         return self._FIXED + (("win_k", "win_v", "win_pos") if fixed_window else ())
 
     # ------------------------------------------------------------------ helpers
     def _groups(self, mcfg):
         D, C = mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
         cfg = self.config
-        lg = _resolve_group(cfg.landmark_hadamard_group, D, C, "landmark_hadamard_group")
+        lg = sg = None
+        if cfg.landmark_quant == "higgs":
+            lg = _resolve_group(cfg.landmark_hadamard_group, D, C, "landmark_hadamard_group")
+        if not cfg.store_format.startswith("higgs"):
+            return lg, sg
         spec = cfg.store_hadamard_group
         if spec is None:
             spec = "head" if cfg.store_format == "higgs_packed" else "token"
@@ -393,7 +397,6 @@ class YakvPolicy(Policy):
         lengths = np.asarray(lengths)
         if max_new < 1:
             raise ValueError(f"max_new={max_new} generated-token slots must be >= 1")
-        D, C = mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
         lg, sg = self._groups(mcfg)
         if cfg.landmark_quant == "higgs":
             if lg % cfg.landmark_d:
@@ -403,15 +406,13 @@ class YakvPolicy(Policy):
             if sg % cfg.store_d:
                 raise ValueError(f"store_d={cfg.store_d} must divide the store Hadamard group ({sg} values)")
             HiggsConfig(cfg.store_d, cfg.store_n, sg, cfg.store_scale_dtype)
-        if cfg.fetch_backend == "chunk_slices" and cfg.chunk_size == 1:
-            pass  # allowed (one DMA per token); documented as slow on TPU
         for i, T in enumerate(lengths.tolist()):
             if T <= cfg.min_seqlen_to_prune:
                 continue  # never pruned: decoded exactly, budgets do not apply
             where = f" (prompt {i} has {T} tokens)"
             for name in ("prefix_budget", "local_budget", "sparse_budget"):
                 b = getattr(cfg, name)
-                if not isinstance(b, float) and b > T:
+                if not isinstance(b, (float, np.floating)) and b > T:
                     raise ValueError(f"{name}={b} tokens exceeds the prompt length{where}; use a smaller budget, a "
                                      f"fraction, or min_seqlen_to_prune >= {T} to decode such prompts exactly")
             resolve_budget(cfg.sparse_budget, T, cfg.chunk_size, name="sparse_budget")
