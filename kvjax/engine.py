@@ -27,6 +27,7 @@ from models.transformer import Params, embed_tokens, logits_from_hidden, run_lay
 from . import cache as cache_mod
 from .policies import Policy, make_policy
 from .policies.base import bucket_size
+from .offload import place_on_host
 from .sampling import SamplingConfig, sample
 
 
@@ -156,8 +157,10 @@ def _step_and_sample(params, cfg, policy, state, tok, pos, key, temperature, top
 class Engine:
     """Runs a loaded model with a KV-cache policy. Jitted functions are cached per shape bucket.
 
-    >>> eng = Engine(load_model("smollm2-135m"), policy="yakv")
+    >>> eng = Engine(load_model("smollm2-135m", dtype="float32"), policy="full")
     >>> eng.generate(["What is the capital of Germany?"], GenerationConfig(max_new_tokens=32))[0].text
+    'The capital of Germany is Berlin.'
+    >>> Engine(eng.lm, policy=make_policy("yakv", sparse_budget=1 / 32)).generate([long_prompt])
     """
 
     def __init__(self, lm, policy: str | Policy = "full", mesh=None, prefill_chunk: int = 512,
@@ -242,8 +245,11 @@ class Engine:
         if key not in self._build_jit:
             def build_all(kv, lens, extra):
                 # one layer at a time (lax.map), so build temporaries (SVD, quantizer) stay one layer big
-                return jax.lax.map(lambda a: pol.build(cfg, a[0], a[1], lens, max_new, extra=a[3], q=a[2]),
-                                   (kv.k, kv.v, kv.q, extra))
+                st = jax.lax.map(lambda a: pol.build(cfg, a[0], a[1], lens, max_new, extra=a[3], q=a[2]),
+                                 (kv.k, kv.v, kv.q, extra))
+                # explicit move of the host fields: out_shardings alone leave a device-typed aval (offload docs)
+                return st.replace(**{f: jax.tree.map(place_on_host, getattr(st, f)) for f in pol.host_fields
+                                     if getattr(st, f, None) is not None})
 
             abstract = jax.eval_shape(build_all, kv, jax.ShapeDtypeStruct(lengths.shape, jnp.int32), self._extra())
             shard = cache_mod.state_shardings(abstract, self.mesh, cfg.num_kv_heads, pol.host_fields)
