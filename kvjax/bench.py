@@ -180,6 +180,7 @@ def bench_decode(shape: str, methods: list[str], lengths: list[int], dtype: str,
                 continue
             state = eng.build(kv, lens, 64)
             rep = eng.policy.memory_report(state, lens)
+            fetched = eng.policy.bytes_fetched_per_step(state)
             step = eng.step_fn(state)
             a = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
             key = jax.random.key(0)
@@ -191,12 +192,11 @@ def bench_decode(shape: str, methods: list[str], lengths: list[int], dtype: str,
                 nxt, _, state = step(eng.params, state, nxt, eng._put(lens + 1 + i), key, *a)
             jax.block_until_ready(nxt)
             ms = 1000 * (time.perf_counter() - t) / steps
-            fetched = getattr(eng.policy, "bytes_fetched_per_step", None)
             rows.append({"method": m, "prompt_tokens": T, "ms_per_step": ms,
                          "device_MB": rep["by_kind"].get("device", 0) / 2**20,
                          "host_MB": sum(v for k, v in rep["by_kind"].items() if k != "device") / 2**20,
                          "device_B_per_prompt_token": rep["per_prompt_token_variable"].get("device", 0.0),
-                         "fetched_MB_per_step": (fetched(cfg, lens) / 2**20) if fetched else float("nan")})
+                         "fetched_MB_per_step": fetched / 2**20})
             del state
         del kv
     return rows

@@ -54,7 +54,7 @@ from models.transformer import rope_tables
 from ..attention import attend_rows
 from ..cache import write_token
 from ..offload import BACKENDS, fetch_rows, place_on_host
-from .base import Policy, PolicyConfig, resolve_budget
+from .base import top_k, Policy, PolicyConfig, resolve_budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +313,7 @@ class ShadowKVPolicy(Policy):
             if c == 1:
                 out_ids = jnp.broadcast_to(jnp.arange(O, dtype=jnp.int32), (B, Hkv, O))
             else:
-                _, out_ids = jax.lax.top_k(jnp.where(cand, -min_cos, -jnp.inf), O)
+                _, out_ids = top_k(jnp.where(cand, -min_cos, -jnp.inf), O)
                 out_ids = out_ids.astype(jnp.int32)
             slot_ok = jnp.broadcast_to((jnp.arange(O)[None, :] < n_out[:, None])[:, None, :], (B, Hkv, O))
             bi = jnp.arange(B)[:, None, None]
@@ -359,7 +359,7 @@ class ShadowKVPolicy(Policy):
         a = jnp.max(p, axis=2).astype(jnp.float32)  # max over the GQA group
         a = jnp.where(valid, a, -1.0)  # below every probability, so masked chunks lose every tie
         kk = max(K, 1)
-        _, ids = jax.lax.top_k(a, kk)
+        _, ids = top_k(a, kk)
         ok = jnp.broadcast_to((jnp.arange(kk)[None, :] < n_sel[:, None])[:, None, :], (B, Hkv, kk))
         if K == 0:
             ok = jnp.zeros_like(ok)

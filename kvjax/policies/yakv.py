@@ -63,7 +63,7 @@ from ..attention import attend_rows
 from ..cache import write_token
 from ..quant import fp8_decode, fp8_encode, higgs_decode, higgs_encode, higgs_qdq, load_grid
 from ..quant.higgs import HiggsCodes, HiggsConfig, code_bits
-from .base import Policy, PolicyConfig, bucket_size, resolve_budget
+from .base import top_k, Policy, PolicyConfig, bucket_size, resolve_budget
 
 SCORINGS = ("softmax_max", "mean_dot")
 STORE_FORMATS = ("higgs_qdq", "higgs_packed", "fp8", "none")
@@ -546,7 +546,7 @@ class YakvPolicy(Policy):
         else:
             lm = self._landmarks(mcfg, st, layer)
             scores = score_landmarks(q, lm, n_lm, cfg.scoring, jnp.dtype(cfg.score_dtype))
-        _, sel = jax.lax.top_k(scores, Kc)  # [B, Hkv, Kc], sorted by score
+        _, sel = top_k(scores, Kc)  # [B, Hkv, Kc], sorted by score
         start = prefix[:, None, None] + sel.astype(jnp.int32) * cfg.chunk_size
         valid = (jnp.arange(Kc)[None, :] < n_sel[:, None])[:, None, :]
         return start, valid
