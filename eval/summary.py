@@ -1,0 +1,256 @@
+"""Summaries of an evaluation run: per (model, benchmark, method, budget) tables in markdown and CSV, and PNG plots
+of task score and fidelity against budget.
+
+Each row aggregates the finished records (one per sample) of a group:
+
+* ``score``: mean task score ×100 (Text2JSON IoU, MultiNeedle share of needles found, LongProc F1 — the
+  per-sample primary score, see :func:`primary_score`) with a percentile-bootstrap 95% interval over samples
+  (:func:`bootstrap_ci`); samples whose score is None (the authors' "bad samples") are left out;
+* fidelity to full attention (eval/fidelity.py): mean KL(full ‖ method) per token, top-1 agreement, the median
+  first divergence (samples that never diverge count as their number of steps) and the mean attention recall;
+* ``device B/tok`` and ``host B/tok``: bytes of the policy state per prompt token (``memory_report``);
+* ``s/sample``: seconds per sample (shared prefill + the method's build and free-run decode);
+* ``errors``: records that failed (listed, never averaged).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pathlib
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+PRIMARY_KEYS = ("score", "found", "f1")
+
+COLUMNS = ("model", "benchmark", "method", "budget", "n", "score", "score_lo", "score_hi", "kl_mean",
+           "top1_agreement", "first_divergence_median", "recall_mean", "device_bytes_per_token",
+           "host_bytes_per_token", "seconds_per_sample", "prompt_tokens", "generated_tokens", "errors")
+
+
+def primary_score(score: Mapping[str, Any] | None) -> float | None:
+    """The per-sample scalar a benchmark's ``score`` dict stands for, in [0, 1]: "score" (Text2JSON), "found"
+    (MultiNeedle), "f1" (LongProc), else the first numeric value; None when absent or None."""
+    if not score:
+        return None
+    for k in PRIMARY_KEYS:
+        if k in score:
+            v = score[k]
+            return None if v is None else float(v)
+    for v in score.values():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap interval of the mean of ``values`` (resampling samples with
+    replacement ``n_boot`` times, fixed ``seed``). One value gives a zero-width interval; none gives NaNs."""
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}, allowed: (0, 1)")
+    if n_boot < 1:
+        raise ValueError(f"n_boot={n_boot}, allowed: int >= 1 resamples")
+    x = np.asarray([v for v in values if v is not None], np.float64)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    a = (1 - level) / 2
+    lo, hi = np.quantile(means, [a, 1 - a])
+    return mean, float(min(lo, mean)), float(max(hi, mean))
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """Records of a results JSONL file, one per key: the first, unless a later one without ``error`` replaces an
+    error record (a retried failure). Unreadable lines are skipped."""
+    out: dict[str, dict] = {}
+    p = pathlib.Path(path)
+    if not p.exists():
+        return []
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+                continue
+            old = out.get(rec["key"])
+            if old is None or (old.get("error") and not rec.get("error")):
+                out[rec["key"]] = rec
+    return list(out.values())
+
+
+def _mean(xs: Iterable[float | None]) -> float | None:
+    v = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else None
+
+
+def _budget_sort(rec_or_row: Mapping[str, Any]) -> tuple:
+    f = rec_or_row.get("budget_fraction")
+    return (0 if rec_or_row.get("method") == "full" else 1, rec_or_row.get("method", ""),
+            f if isinstance(f, (int, float)) else math.inf, str(rec_or_row.get("budget")))
+
+
+def summarize(records: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """One row per (model, benchmark, method, budget) with the columns of :data:`COLUMNS` (scores ×100)."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r.get("model"), r.get("benchmark"), r.get("method"), r.get("budget")), []).append(r)
+    rows = []
+    for (model, bench, method, budget), recs in groups.items():
+        ok = [r for r in recs if not r.get("error")]
+        scores = [primary_score(r.get("score")) for r in ok]
+        scores = [100.0 * s for s in scores if s is not None]
+        mean, lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
+        fid = [r.get("fidelity") or {} for r in ok]
+        firsts = []
+        for f in fid:
+            if f.get("n_steps") and not f.get("reference"):
+                d = f.get("first_divergence")
+                firsts.append(d if d is not None else f["n_steps"] + 1)
+        rows.append({
+            "model": model, "benchmark": bench, "method": method, "budget": budget,
+            "budget_fraction": _mean(r.get("budget_fraction") for r in ok),
+            "n": len(ok), "score": mean, "score_lo": lo, "score_hi": hi,
+            "kl_mean": _mean(f.get("kl_mean") for f in fid),
+            "top1_agreement": _mean(f.get("top1_agreement") for f in fid),
+            "first_divergence_median": float(np.median(firsts)) if firsts else None,
+            "recall_mean": _mean(f.get("recall_mean") for f in fid),
+            "device_bytes_per_token": _mean(r.get("device_bytes_per_prompt_token") for r in ok),
+            "host_bytes_per_token": _mean(r.get("host_bytes_per_prompt_token") for r in ok),
+            "seconds_per_sample": _mean(r.get("seconds") for r in ok),
+            "prompt_tokens": _mean(r.get("prompt_tokens") for r in ok),
+            "generated_tokens": _mean(r.get("n_generated") for r in ok),
+            "errors": len(recs) - len(ok),
+        })
+    rows.sort(key=lambda r: (str(r["model"]), str(r["benchmark"])) + _budget_sort(r))
+    return rows
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.2e}"
+        return f"{v:.{digits}g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table(s), one per (model, benchmark)."""
+    head = ("method", "budget", "n", "score (95% CI)", "KL", "top-1 agr", "1st div", "recall", "device B/tok",
+            "host B/tok", "s/sample", "errors")
+    out = []
+    key = None
+    for r in rows:
+        if (r["model"], r["benchmark"]) != key:
+            key = (r["model"], r["benchmark"])
+            toks = _fmt(r.get("prompt_tokens"))
+            out += ["", f"### {r['model']} · {r['benchmark']} (≈{toks} prompt tokens)", "",
+                    "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        score = (f"{_fmt(r['score'])} ({_fmt(r['score_lo'])}–{_fmt(r['score_hi'])})"
+                 if r["score"] is not None and not math.isnan(r["score"]) else "–")
+        cells = [r["method"], str(r["budget"]), str(r["n"]), score, _fmt(r["kl_mean"]), _fmt(r["top1_agreement"]),
+                 _fmt(r["first_divergence_median"]), _fmt(r["recall_mean"]), _fmt(r["device_bytes_per_token"]),
+                 _fmt(r["host_bytes_per_token"]), _fmt(r["seconds_per_sample"]), str(r["errors"])]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS) + ["budget_fraction"], extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in w.fieldnames})
+    return path
+
+
+def _safe(s: Any) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s))
+
+
+def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """PNG plots per (model, benchmark): task score vs budget and fidelity (top-1 agreement, attention recall)
+    vs budget, one line per method; full attention as a dashed horizontal line. The x axis is the budget as a
+    fraction of the prompt (token-count budgets are divided by the mean prompt length). Returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    by_mb: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        by_mb.setdefault((r["model"], r["benchmark"]), []).append(r)
+    for (model, bench), rs in by_mb.items():
+        full = [r for r in rs if r["method"] == "full"]
+        methods = sorted({r["method"] for r in rs if r["method"] != "full"})
+        panels = [("score", "task score (×100)"), ("top1_agreement", "top-1 agreement with full"),
+                  ("recall_mean", "attention recall")]
+        for name, metrics_ in (("score", panels[:1]), ("fidelity", panels[1:])):
+            fig, axes = plt.subplots(1, len(metrics_), figsize=(5.5 * len(metrics_), 4), squeeze=False)
+            for ax, (col, label) in zip(axes[0], metrics_):
+                for m in methods:
+                    pts = sorted((r["budget_fraction"], r[col], r) for r in rs
+                                 if r["method"] == m and r.get("budget_fraction") and r.get(col) is not None)
+                    if not pts:
+                        continue
+                    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                    if col == "score":  # with the bootstrap 95% interval
+                        err = [[max(y - p[2]["score_lo"], 0.0) for y, p in zip(ys, pts)],
+                               [max(p[2]["score_hi"] - y, 0.0) for y, p in zip(ys, pts)]]
+                        ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=4, label=m)
+                    else:
+                        ax.plot(xs, ys, "o-", label=m)
+                for r in full:
+                    if r.get(col) is not None and not (isinstance(r[col], float) and math.isnan(r[col])):
+                        ax.axhline(r[col], ls="--", color="k", lw=1, label="full")
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("budget (fraction of the prompt)")
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=8)
+            fig.suptitle(f"{model} · {bench}")
+            fig.tight_layout()
+            path = out_dir / f"{_safe(model)}__{_safe(bench)}__{name}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            files.append(path)
+    return files
+
+
+def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, plots: bool = True
+                  ) -> tuple[str, list[dict]]:
+    """summary.md, summary.csv and plots/ for ``records`` under ``out_dir``; returns (markdown, rows)."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records)
+    md = to_markdown(rows) if rows else "(no finished records)\n"
+    notes = ("\nscore: mean task score ×100 with a bootstrap 95% interval over samples; KL: mean KL(full ‖ method) "
+             "per decode step (nats), teacher-forced on full's greedy output; top-1 agr: share of those steps where "
+             "the method's greedy token equals full's; 1st div: median index of the first differing generated token "
+             "(never = steps + 1); recall: share of exact attention mass over the prompt on the tokens the method "
+             "attends (mean over query heads, layers, KV heads and measured steps); B/tok: policy-state bytes per "
+             "prompt token; s/sample: shared prefill + the method's build and decode.\n")
+    (out_dir / "summary.md").write_text(md + notes, encoding="utf-8")
+    write_csv(rows, out_dir / "summary.csv")
+    if plots and rows:
+        plot(rows, out_dir / "plots")
+    return md, rows
+
+
+__all__ = ["COLUMNS", "bootstrap_ci", "load_records", "plot", "primary_score", "summarize", "to_markdown",
+           "write_csv", "write_summary"]
