@@ -53,7 +53,7 @@ from flax import struct
 from ..attention import attend_rows
 from ..cache import write_token
 from ..offload import BACKENDS, fetch_rows
-from .base import Policy, PolicyConfig
+from .base import top_k, Policy, PolicyConfig
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -346,7 +346,7 @@ class PagePolicy(Policy):
         p = jnp.arange(NP)[None, :]
         cand = (p >= self.config.n_sink_pages) & (p < st.cand_end[layer][:, None])  # [B, NP]
         s = jnp.where(cand[:, None, :], s, -jnp.inf)
-        vals, ids = jax.lax.top_k(s, K)
+        vals, ids = top_k(s, K)
         ok = (jnp.arange(K)[None, None, :] < st.n_sel[layer][:, None, None]) & (vals > -jnp.inf)
         return ids.astype(jnp.int32), ok
 

@@ -67,7 +67,7 @@ from ..attention import attend_rows
 from ..offload import BACKENDS, fetch_rows
 from .arkvale import (append_generated, budget_tokens, check_budget, check_int, dense_attend, generated_valid,
                       layer_cond, length_table, pack_kv, take_tokens)
-from .base import Policy, PolicyConfig, bucket_size
+from .base import top_k, Policy, PolicyConfig, bucket_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +301,7 @@ class InfiniGenPolicy(Policy):
         s = self.speculative_scores(mcfg, st, layer, self.speculative_query(mcfg, st, layer, h_prev, pos), gen_k)
         valid = jnp.concatenate([jnp.arange(Tb)[None, :] < n[:, None], generated_valid(pos, n, M)], axis=1)
         s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-        vals, ids = jax.lax.top_k(s, K)
+        vals, ids = top_k(s, K)
         k_t = length_table(self.selected_tokens, Tb + M)[pos + 1]  # budget at the current length S = pos + 1
         ok = (jnp.arange(K)[None, None, None, :] < k_t[:, None, None, None]) & (vals > -jnp.inf)
         return ids.astype(jnp.int32), ok

@@ -55,7 +55,7 @@ from flax import struct
 from ..offload import BACKENDS, fetch_rows
 from .arkvale import (append_generated, attend_per_query_head, bcast_heads, budget_tokens, check_budget, check_int,
                       dense_attend, generated_valid, layer_cond, length_table, pack_kv, take_tokens)
-from .base import Policy, PolicyConfig
+from .base import top_k, Policy, PolicyConfig
 
 _HI = jax.lax.Precision.HIGHEST
 DEFAULT_RANK = {"llama": 16, "qwen3": 32}
@@ -172,7 +172,7 @@ def topcol_init(Q: jax.Array, K: jax.Array, r: int) -> tuple[jax.Array, jax.Arra
     """LRQK's "topcol" start: ``A_Q = Q[:, c]``, ``A_K = K[:, c]`` with c the r channels of largest
     ``Σ_t |Q| + |K|`` (per leading index). Q, K ``[..., T, D]`` -> ``[..., T, r]``."""
     score = jnp.sum(jnp.abs(Q), axis=-2) + jnp.sum(jnp.abs(K), axis=-2)  # [..., D]
-    _, c = jax.lax.top_k(score, r)
+    _, c = top_k(score, r)
     c = c[..., None, :]
     return jnp.take_along_axis(Q, c, axis=-1), jnp.take_along_axis(K, c, axis=-1)
 
@@ -343,7 +343,7 @@ class LRQKPolicy(Policy):
         Tb = a_k.shape[2]
         s = jnp.einsum("bhtr,bhr->bht", a_k.astype(jnp.float32), hq.astype(jnp.float32), precision=_HI)
         s = jnp.where((jnp.arange(Tb)[None, :] < cand_end[:, None])[:, None, :], s, -jnp.inf)
-        vals, ids = jax.lax.top_k(s, K)
+        vals, ids = top_k(s, K)
         ok = (jnp.arange(K)[None, None, :] < n_sel[:, None, None]) & (vals > -jnp.inf)
         return ids.astype(jnp.int32), ok
 
