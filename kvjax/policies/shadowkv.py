@@ -209,7 +209,7 @@ class ShadowKVPolicy(Policy):
         return tuple(fixed)
 
     # -- shapes
-    def static_sizes(self, mcfg, Tb: int) -> dict:
+    def static_sizes(self, mcfg, Tb: int, max_new: int = 0) -> dict:
         """Static sizes for a prompt bucket of ``Tb`` tokens: ``r`` (SVD rank kept), ``NC`` (landmark slots),
         ``Lw`` (local-window slots), ``O`` (outlier chunk slots), ``K`` (selected chunk slots)."""
         cfg, c = self.config, self.config.chunk_size
