@@ -1,28 +1,15 @@
 """One-query attention over gathered rows (the decode attention every policy ends with).
 
-The Pallas kernel and its dispatch live in :mod:`pallas_kernels`; this module is the entry point the
-policies call, so the backend can be switched in one place (``KVJAX_KERNELS=1`` or
-:func:`set_use_kernels`).
+The Pallas kernel and the backend switch live in :mod:`pallas_kernels.dispatch` ("auto": compiled kernel
+on TPU, jnp reference elsewhere; "interpret": the kernel in Pallas interpret mode, for tests; "reference";
+env ``KVJAX_KERNELS`` or ``pallas_kernels.dispatch.set_use_kernels`` / ``kernels_override``). Policies call
+:func:`attend_rows`, so the whole offloaded step switches backend in one place.
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-_USE_KERNELS = os.environ.get("KVJAX_KERNELS", "auto")
-
-
-def set_use_kernels(value: str | bool) -> None:
-    """"auto" (TPU/GPU kernels, CPU reference), True/"interpret" (force kernels; interpret mode on CPU), False."""
-    global _USE_KERNELS
-    _USE_KERNELS = value
-
-
-def use_kernels():
-    return _USE_KERNELS
 
 
 def attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
@@ -31,17 +18,13 @@ def attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> j
     q ``[B, H, D]`` (post-RoPE), k/v ``[B, Hkv, S, D]``, valid bool ``[B, Hkv, S]`` (or ``[B, 1, S]``).
     Scale 1/sqrt(D), softmax in float32. Returns ``[B, H, D]`` in q's dtype.
     """
-    try:
-        from pallas_kernels import dispatch
-    except ImportError:  # kernels package not importable: pure-jnp path
-        dispatch = None
-    if dispatch is not None and hasattr(dispatch, "decode_attention"):
-        return dispatch.decode_attention(q, k, v, valid, use_kernels=_USE_KERNELS)
-    return attend_rows_ref(q, k, v, valid)
+    from pallas_kernels import dispatch
+
+    return dispatch.decode_attention(q, k, v, valid)
 
 
 def attend_rows_ref(q, k, v, valid):
-    """Pure-jnp reference of :func:`attend_rows`."""
+    """Pure-jnp reference of :func:`attend_rows` (independent of the kernels package)."""
     B, H, D = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv, D)
