@@ -83,7 +83,7 @@ def _kind(x) -> str:
 
 
 def memory_report(state: Any, prompt_tokens: int | np.ndarray, batch: int | None = None,
-                  fixed_fields: Iterable[str] = ()) -> dict:
+                  fixed_fields: Iterable[str] = (), extra: dict | None = None) -> dict:
     """Bytes of a policy state per memory kind and per component, per sequence and per prompt token.
 
     ``prompt_tokens``: total prompt tokens of the batch (or the per-sequence lengths). ``fixed_fields``
@@ -104,6 +104,9 @@ def memory_report(state: Any, prompt_tokens: int | np.ndarray, batch: int | None
         by_kind[kind] = by_kind.get(kind, 0) + nbytes
         if f.name not in fixed:
             var_by_kind[kind] = var_by_kind.get(kind, 0) + nbytes
+    for name, (kind, nbytes) in (extra or {}).items():
+        comps[name] = {"kind": kind, "bytes": int(nbytes), "fixed": True, "transient": True}
+        by_kind[kind] = by_kind.get(kind, 0) + int(nbytes)
     lengths = np.atleast_1d(np.asarray(prompt_tokens))
     total_tokens = int(lengths.sum())
     nseq = batch if batch is not None else len(lengths)

@@ -256,6 +256,7 @@ class PagePolicy(Policy):
     """
 
     name = "base"
+    fetched_rows_in_state = True  # the recall buffer of attended rows is part of the state
     config_class = PageConfig
     budget_knob: ClassVar[str] = "budget"
 

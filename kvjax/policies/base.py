@@ -83,6 +83,9 @@ class Policy:
     host_fields: ClassVar[tuple[str, ...]] = ()
     fixed_fields: ClassVar[tuple[str, ...]] = ()
     needs_queries: ClassVar[bool] = False
+    # False: rows fetched from host live only inside the decode step; memory_report then adds their device
+    # scratch (``bytes_fetched_per_step``) as a transient component so equal-memory comparisons are fair.
+    fetched_rows_in_state: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig | None = None, **overrides):
         cfg_cls = type(self).config_class
@@ -119,17 +122,40 @@ class Policy:
 
     # -- shared
     def memory_report(self, state, lengths) -> dict:
-        rep = cache_mod.memory_report(state, lengths, fixed_fields=self.fixed_fields)
+        extra = {}
+        if not self.fetched_rows_in_state:
+            scratch = self.fetch_scratch_bytes(state)
+            if scratch:
+                extra["fetch_scratch"] = ("device", scratch)
+        rep = cache_mod.memory_report(state, lengths, fixed_fields=self.fixed_fields, extra=extra)
         rep["policy"] = self.name
         return rep
+
+    def fetch_bucket_tokens(self, Tb: int) -> int:
+        """Static number of token rows per KV head one decode step fetches (the selection bucket)."""
+        return 0
+
+    def fetch_scratch_bytes(self, state) -> int:
+        """Device bytes of the rows one step fetches from host (all layers and sequences), from static shapes:
+        the selection bucket x the row bytes of every host leaf ``[L, B, Hkv, Tb, ...]``."""
+        total = 0
+        for f in self.host_fields:
+            for leaf in jax.tree.leaves(getattr(state, f, None)):
+                if leaf.ndim < 4:
+                    continue
+                rows = self.fetch_bucket_tokens(leaf.shape[3])
+                total += int(np.prod(leaf.shape[:3], dtype=np.int64)) * rows * \
+                    int(np.prod(leaf.shape[4:], dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
+        return total
 
     def bytes_fetched_per_step(self, state) -> int:
         """Bytes moved host -> device per decode step (all layers and sequences): the selected tokens per KV
         head (``state.n_sel`` chunks x ``chunk_size``) times the row bytes of every host-resident leaf
         (``[L, B, Hkv, T, ...]``). 0 for policies without an offloaded store."""
         n_sel = getattr(state, "n_sel", None)
-        if n_sel is None or not self.host_fields:
-            return 0
+        if n_sel is None or not self.host_fields or not hasattr(n_sel, "addressable_data") and \
+                not isinstance(n_sel, np.ndarray):
+            return 0  # abstract state (eval_shape): the selection count is data-dependent
         tokens = np.asarray(n_sel, np.int64) * int(getattr(self.config, "chunk_size", 1) or 1)
         total = 0
         for f in self.host_fields:

@@ -178,6 +178,7 @@ class InfiniGenPolicy(Policy):
     """InfiniGen: speculative partial-channel scores from the previous layer's input, per-head token top-k."""
 
     name = "infinigen"
+    fetched_rows_in_state = True  # the recall buffer of attended rows is part of the state
     config_class = InfiniGenConfig
     budget_knob: ClassVar[str] = "budget"
 

@@ -260,6 +260,7 @@ class LRQKPolicy(Policy):
     """LRQK: rank-r proxy scores ``q̂·A_Kᵀ`` per query head pick exact tokens fetched from host memory."""
 
     name = "lrqk"
+    fetched_rows_in_state = True  # the recall buffer of attended rows is part of the state
     config_class = LRQKConfig
     needs_queries = True
     budget_knob: ClassVar[str] = "num_active"

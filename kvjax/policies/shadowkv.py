@@ -209,6 +209,10 @@ class ShadowKVPolicy(Policy):
         return tuple(fixed)
 
     # -- shapes
+    def fetch_bucket_tokens(self, Tb: int) -> int:
+        c = self.config.chunk_size
+        return min(_static_tokens(self.config.sparse_budget, Tb, c) // c, Tb // c) * c
+
     def static_sizes(self, mcfg, Tb: int, max_new: int = 0) -> dict:
         """Static sizes for a prompt bucket of ``Tb`` tokens: ``r`` (SVD rank kept), ``NC`` (landmark slots),
         ``Lw`` (local-window slots), ``O`` (outlier chunk slots), ``K`` (selected chunk slots)."""

@@ -572,6 +572,9 @@ class YakvPolicy(Policy):
             kr = _rope(kr, tok, mcfg)
         return kr, vr
 
+    def fetch_bucket_tokens(self, Tb: int) -> int:
+        return int(_plan_table(self.config, Tb)["Kc"]) * self.config.chunk_size
+
     def decode(self, mcfg, st: YakvState, layer, q, k_pre, k, v, pos, h=None):
         """One decode step of one layer (see the module docstring). q ``[B, H, D]``, k/v ``[B, Hkv, D]``."""
         c = self.config.chunk_size
