@@ -153,16 +153,31 @@ def equal_memory_budgets(mcfg, policies: Iterable[str | Policy], prompt_len: int
                 f"policy {pol.name!r} needs at least {lo_b} device bytes ({lo_b / (prompt_len * batch):.1f} per prompt "
                 f"token) at {knob}=0, more than the allowance of {target} bytes "
                 f"({target / (prompt_len * batch):.1f} per prompt token)")
-        hi_b = measure(1.0)
+        def valid(x: float) -> bool:
+            try:
+                type(pol)(dataclasses.replace(pol.config, **{knob: float(x)})).validate(
+                    mcfg, np.array([prompt_len] * batch, np.int32), gen)
+                return True
+            except ValueError:
+                return False
+
+        top = 1.0  # the largest knob value this prompt accepts (e.g. ShadowKV's landmark chunks cap the budget)
+        if not valid(top):
+            ok, bad = 0.0, 1.0
+            for _ in range(iters):
+                mid = 0.5 * (ok + bad)
+                ok, bad = (mid, bad) if valid(mid) else (ok, mid)
+            top = ok
+        hi_b = measure(top)
         if hi_b <= target:
             if strict and hi_b < (1.0 - tolerance) * target:
                 raise ValueError(
                     f"policy {pol.name!r} keeps at most {hi_b} device bytes ({hi_b / (prompt_len * batch):.1f} per "
                     f"prompt token) at {knob}=1 (the whole prompt), below the allowance of {target} bytes by more "
                     f"than {tolerance:.0%}; lower the allowance, or pass strict=False to keep {knob}=1")
-            x = 1.0
+            x = top
         else:
-            lo, hi = 0.0, 1.0  # measure(lo) <= target < measure(hi)
+            lo, hi = 0.0, top  # measure(lo) <= target < measure(hi)
             for _ in range(iters):
                 mid = 0.5 * (lo + hi)
                 if measure(mid) <= target:
