@@ -73,7 +73,7 @@ def bench_generate(model: str, dtype: str, lengths: list[int], steps: int, hf: b
 
     from models import load_model
 
-    from .engine import Engine, decode_step_pure
+    from .engine import Engine
 
     lm = load_model(model, dtype=dtype)
     cfg = lm.config

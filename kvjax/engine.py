@@ -266,11 +266,9 @@ class Engine:
 
     def step_fn(self, state):
         """The jitted decode step for this state's shapes (compiled once per bucket, state donated)."""
-        key = (self.policy, jax.tree.map(lambda x: (x.shape, x.dtype), state))
-        key = (self.policy, str(key[1]))
+        key = (self.policy, str(jax.tree.map(lambda x: (x.shape, x.dtype), state)))
         if key not in self._step_jit:
             shard = jax.tree.map(lambda x: x.sharding, state)
-            B = jax.tree.leaves(state)[0].shape[1]
             bs = self._batch_sharding(1)
             ls = self._batch_sharding(2)
             fn = functools.partial(_step_and_sample, cfg=self.cfg, policy=self.policy)

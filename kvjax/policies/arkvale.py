@@ -53,7 +53,7 @@ from flax import struct
 from ..attention import attend_rows
 from ..cache import write_token
 from ..offload import BACKENDS, fetch_rows
-from .base import top_k, Policy, PolicyConfig
+from .base import check_common, top_k, Policy, PolicyConfig
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -290,13 +290,7 @@ class PagePolicy(Policy):
         return ()
 
     def validate(self, mcfg, lengths, max_new):
-        lengths = np.asarray(lengths).reshape(-1)
-        if max_new < 1:
-            raise ValueError(f"max_new={max_new} generated-token slots must be >= 1")
-        if (lengths < 1).any():
-            raise ValueError(f"prompt lengths {lengths.tolist()} must all be >= 1 token")
-        if self.config.dense_layers > mcfg.num_layers:
-            raise ValueError(f"dense_layers={self.config.dense_layers} exceeds the model's {mcfg.num_layers} layers")
+        check_common(mcfg, lengths, max_new, self.config.dense_layers)
 
     # -- prefill
     def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None):

@@ -66,6 +66,17 @@ def top_k(scores: jax.Array, k: int):
     return vals.astype(scores.dtype), idx
 
 
+def check_common(mcfg, lengths, max_new: int, dense_layers: int = 0) -> None:
+    """Checks shared by the baseline policies: generated slots >= 1, prompts non-empty, dense layers <= L."""
+    lengths = np.asarray(lengths).reshape(-1)
+    if max_new < 1:
+        raise ValueError(f"max_new={max_new} generated-token slots must be >= 1")
+    if (lengths < 1).any():
+        raise ValueError(f"prompt lengths {lengths.tolist()} must all be >= 1 token")
+    if dense_layers > mcfg.num_layers:
+        raise ValueError(f"dense_layers={dense_layers} exceeds the model's {mcfg.num_layers} layers")
+
+
 def bucket_size(n: int, minimum: int = 16) -> int:
     """Next power of two >= n (and >= minimum): the compile bucket of a dynamic size."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))

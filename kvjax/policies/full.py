@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..attention import attend_rows
 from ..cache import KVCache, write_token

@@ -67,7 +67,7 @@ from ..attention import attend_rows
 from ..offload import BACKENDS, fetch_rows
 from .arkvale import (append_generated, budget_tokens, check_budget, check_int, dense_attend, generated_valid,
                       layer_cond, length_table, pack_kv, take_tokens)
-from .base import top_k, Policy, PolicyConfig, bucket_size
+from .base import check_common, top_k, Policy, PolicyConfig, bucket_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,13 +208,7 @@ class InfiniGenPolicy(Policy):
         return ()
 
     def validate(self, mcfg, lengths, max_new):
-        lengths = np.asarray(lengths).reshape(-1)
-        if max_new < 1:
-            raise ValueError(f"max_new={max_new} generated-token slots must be >= 1")
-        if (lengths < 1).any():
-            raise ValueError(f"prompt lengths {lengths.tolist()} must all be >= 1 token")
-        if self.config.dense_layers > mcfg.num_layers:
-            raise ValueError(f"dense_layers={self.config.dense_layers} exceeds the model's {mcfg.num_layers} layers")
+        check_common(mcfg, lengths, max_new, self.config.dense_layers)
 
     # -- offline
     def calibration_ids(self, mcfg) -> np.ndarray:

@@ -55,7 +55,7 @@ from flax import struct
 from ..offload import BACKENDS, fetch_rows
 from .arkvale import (append_generated, attend_per_query_head, bcast_heads, budget_tokens, check_budget, check_int,
                       dense_attend, generated_valid, layer_cond, length_table, pack_kv, take_tokens)
-from .base import top_k, Policy, PolicyConfig
+from .base import check_common, top_k, Policy, PolicyConfig
 
 _HI = jax.lax.Precision.HIGHEST
 DEFAULT_RANK = {"llama": 16, "qwen3": 32}
@@ -292,13 +292,7 @@ class LRQKPolicy(Policy):
         return ()
 
     def validate(self, mcfg, lengths, max_new):
-        lengths = np.asarray(lengths).reshape(-1)
-        if max_new < 1:
-            raise ValueError(f"max_new={max_new} generated-token slots must be >= 1")
-        if (lengths < 1).any():
-            raise ValueError(f"prompt lengths {lengths.tolist()} must all be >= 1 token")
-        if self.config.dense_layers > mcfg.num_layers:
-            raise ValueError(f"dense_layers={self.config.dense_layers} exceeds the model's {mcfg.num_layers} layers")
+        check_common(mcfg, lengths, max_new, self.config.dense_layers)
 
     # -- prefill
     def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None):
