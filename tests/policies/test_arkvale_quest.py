@@ -15,6 +15,7 @@ from kvjax.policies import make_policy
 from kvjax.policies.arkvale import ArkValePolicy, page_bound, page_digests
 from kvjax.policies.quest import QuestPolicy
 from models import ModelConfig
+from policy_steps import lower_step_for_tpu, run_steps
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -29,24 +30,8 @@ def tiny():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, TINY.vocab_size, n)) for n in LENS]
     eng = kvjax.Engine(lm, policy="full")
-    return eng, prompts, run_steps(eng, prompts)
+    return eng, prompts, run_steps(eng, prompts, steps=6)
 
-
-def run_steps(eng, prompts, steps=6, max_new=64):
-    """Greedy decode with the engine's stages; returns (tokens [B, steps+1], logits [B, steps+1, V], state)."""
-    toks, lengths, _ = eng.prepare(prompts, max_new)
-    logits, kv = eng.prefill(toks, lengths)
-    state = eng.build(kv, lengths, max_new)
-    step = eng.step_fn(state)
-    cur = np.asarray(jnp.argmax(logits, -1))
-    out, lg = [cur], [np.asarray(logits)]
-    for i in range(steps):
-        nxt, logits, state = step(eng.params, state, eng._put(cur), eng._put(lengths + i), jax.random.key(0),
-                                  jnp.float32(0), jnp.int32(0), jnp.float32(1))
-        cur = np.asarray(nxt)
-        out.append(cur)
-        lg.append(np.asarray(logits))
-    return np.stack(out, 1), np.stack(lg, 1), state
 
 
 def page_oracle(k, n, ps):
@@ -139,7 +124,7 @@ def test_selected_pages_are_the_top_pages_by_bound(name):
 @pytest.mark.parametrize("name,kw", [("arkvale", {}), ("arkvale", {"fetch_backend": "host_gather"}), ("quest", {})])
 def test_full_budget_reproduces_full_attention(tiny, name, kw):
     eng, prompts, (ref_tok, ref_logits, _) = tiny
-    tok, logits, state = run_steps(eng.with_policy(make_policy(name, budget=1.0, **kw)), prompts)
+    tok, logits, state = run_steps(eng.with_policy(make_policy(name, budget=1.0, **kw)), prompts, steps=6)
     np.testing.assert_array_equal(tok, ref_tok)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=1e-5)
     if kw.get("fetch_backend", "chunk_slices") != "device":
@@ -171,17 +156,6 @@ def test_generate_api_and_registration(tiny):
         prompts, kvjax.GenerationConfig(max_new_tokens=4, stop_ids=()))
     assert [o.ids for o in out] == ref_tok[:, :4].tolist()
 
-
-def lower_step_for_tpu(eng, state):
-    """StableHLO text of the whole jitted decode step lowered for TPU (runs on CPU: a structural check)."""
-    from kvjax.engine import _step_and_sample
-
-    pol, cfg = eng.policy, eng.cfg
-    fn = jax.jit(lambda params, st_, tok, pos: _step_and_sample(params, cfg, pol, st_, tok, pos, jax.random.key(0),
-                                                                 jnp.float32(0), jnp.int32(0), jnp.float32(1)))
-    B = state.lengths.shape[1]
-    return fn.trace(eng.params, state, jnp.zeros((B,), jnp.int32), state.lengths[0]).lower(
-        lowering_platforms=("tpu",)).as_text()
 
 
 @pytest.mark.parametrize("name", ["arkvale", "quest"])

@@ -14,6 +14,7 @@ from kvjax.policies import make_policy
 from kvjax.policies.infinigen import InfiniGenPolicy, skewing_from_activations
 from models import ModelConfig
 from models.transformer import causal_attention, embed_tokens, layer_qkv, rope_tables, run_layers_carry
+from policy_steps import lower_step_for_tpu, run_steps
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -22,32 +23,6 @@ TINY_QWEN = ModelConfig(family="qwen3", vocab_size=97, hidden_size=64, intermedi
 LENS = (250, 90)
 
 
-def run_steps(eng, prompts, steps=5, max_new=64):
-    toks, lengths, _ = eng.prepare(prompts, max_new)
-    logits, kv = eng.prefill(toks, lengths)
-    state = eng.build(kv, lengths, max_new)
-    step = eng.step_fn(state)
-    cur = np.asarray(jnp.argmax(logits, -1))
-    out, lg = [cur], [np.asarray(logits)]
-    for i in range(steps):
-        nxt, logits, state = step(eng.params, state, eng._put(cur), eng._put(lengths + i), jax.random.key(0),
-                                  jnp.float32(0), jnp.int32(0), jnp.float32(1))
-        cur = np.asarray(nxt)
-        out.append(cur)
-        lg.append(np.asarray(logits))
-    return np.stack(out, 1), np.stack(lg, 1), state
-
-
-def lower_step_for_tpu(eng, state):
-    """StableHLO text of the whole jitted decode step lowered for TPU (runs on CPU: a structural check)."""
-    from kvjax.engine import _step_and_sample
-
-    pol, cfg = eng.policy, eng.cfg
-    fn = jax.jit(lambda params, st_, tok, pos: _step_and_sample(params, cfg, pol, st_, tok, pos, jax.random.key(0),
-                                                                 jnp.float32(0), jnp.int32(0), jnp.float32(1)))
-    B = state.lengths.shape[1]
-    return fn.trace(eng.params, state, jnp.zeros((B,), jnp.int32), state.lengths[0]).lower(
-        lowering_platforms=("tpu",)).as_text()
 
 
 def _lm(cfg, seed=0):

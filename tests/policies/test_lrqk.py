@@ -13,38 +13,13 @@ import models
 from kvjax.policies import make_policy
 from kvjax.policies.lrqk import LRQKPolicy, lrqk_factorize, lrqk_objective, lrqk_project, topcol_init
 from models import ModelConfig
+from policy_steps import lower_step_for_tpu, run_steps
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
 LENS = (250, 90)
 
 
-def run_steps(eng, prompts, steps=5, max_new=64):
-    toks, lengths, _ = eng.prepare(prompts, max_new)
-    logits, kv = eng.prefill(toks, lengths)
-    state = eng.build(kv, lengths, max_new)
-    step = eng.step_fn(state)
-    cur = np.asarray(jnp.argmax(logits, -1))
-    out, lg = [cur], [np.asarray(logits)]
-    for i in range(steps):
-        nxt, logits, state = step(eng.params, state, eng._put(cur), eng._put(lengths + i), jax.random.key(0),
-                                  jnp.float32(0), jnp.int32(0), jnp.float32(1))
-        cur = np.asarray(nxt)
-        out.append(cur)
-        lg.append(np.asarray(logits))
-    return np.stack(out, 1), np.stack(lg, 1), state
-
-
-def lower_step_for_tpu(eng, state):
-    """StableHLO text of the whole jitted decode step lowered for TPU (runs on CPU: a structural check)."""
-    from kvjax.engine import _step_and_sample
-
-    pol, cfg = eng.policy, eng.cfg
-    fn = jax.jit(lambda params, st_, tok, pos: _step_and_sample(params, cfg, pol, st_, tok, pos, jax.random.key(0),
-                                                                 jnp.float32(0), jnp.int32(0), jnp.float32(1)))
-    B = state.lengths.shape[1]
-    return fn.trace(eng.params, state, jnp.zeros((B,), jnp.int32), state.lengths[0]).lower(
-        lowering_platforms=("tpu",)).as_text()
 
 
 def objective_np(Q, K, AQ, BQ, AK, BK, lam=1.0):
