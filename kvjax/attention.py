@@ -8,8 +8,6 @@ env ``KVJAX_KERNELS`` or ``pallas_kernels.dispatch.set_use_kernels`` / ``kernels
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 
 def attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
@@ -22,14 +20,3 @@ def attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> j
 
     return dispatch.decode_attention(q, k, v, valid)
 
-
-def attend_rows_ref(q, k, v, valid):
-    """Pure-jnp reference of :func:`attend_rows` (independent of the kernels package)."""
-    B, H, D = q.shape
-    Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, D)
-    s = jnp.einsum("bhgd,bhsd->bhgs", qg, k, preferred_element_type=jnp.float32) * (1.0 / float(np.sqrt(D)))
-    s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bhgs,bhsd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o.reshape(B, H, D).astype(q.dtype)
