@@ -532,7 +532,8 @@ def make_text2json_sample(*, domain: str, count_tokens: CountTokens, target_toke
               "target_tokens": target_tokens, "prompt_tokens": best_n, "seed": seed, "index": index})
 
 
-def generate_text2json(n_samples: int = 500, *, count_tokens: CountTokens, target_tokens: int = 20_000,
+def generate_text2json(n_samples: int = 500, *, count_tokens: CountTokens,
+                       target_tokens: int | tuple[int, int] = 20_000,
                        n_entities: int | tuple[int, int] = 20, seed: int = 0,
                        domains: Sequence[str] = tuple(DOMAINS), answer_format: str = "json",
                        answer_prefix: str = "", tolerance: float = 0.1) -> list[Sample]:
@@ -541,7 +542,9 @@ def generate_text2json(n_samples: int = 500, *, count_tokens: CountTokens, targe
     Args:
       count_tokens: token count of a user text (the model's tokenizer after its chat template); lengths are
         measured with it and land within `tolerance` of `target_tokens`.
-      target_tokens: prompt length in tokens (the paper's data: mean ~20k, range 10k-63.5k).
+      target_tokens: prompt length in tokens (the paper's data: mean ~20k, range 10k-63.5k), or an inclusive
+        (lo, hi) range: each sample then draws its own target uniformly (deterministic per seed and index), e.g.
+        (4000, 7000) for a spread of lengths.
       n_entities: entities per sample, or an inclusive (lo, hi) range drawn per sample (the paper's gold answers
         need <= ~905 tokens, about 10-35 objects).
       seed: everything is a deterministic function of the arguments and the counter.
@@ -554,8 +557,16 @@ def generate_text2json(n_samples: int = 500, *, count_tokens: CountTokens, targe
             raise ValueError(f"domains contains {dom!r}; allowed: {sorted(DOMAINS)}")
     if not domains:
         raise ValueError("domains is empty; allowed: a non-empty subset of " + str(sorted(DOMAINS)))
+    if not isinstance(target_tokens, int):
+        if len(target_tokens) != 2 or not 1 <= int(target_tokens[0]) <= int(target_tokens[1]):
+            raise ValueError(f"target_tokens={target_tokens!r} tokens; allowed: an int >= 1 or (lo, hi) with "
+                             f"1 <= lo <= hi")
     out = []
     for i in range(n_samples):
+        if isinstance(target_tokens, int):
+            target = int(target_tokens)
+        else:
+            target = _sample_rng(seed, i, "length").randint(int(target_tokens[0]), int(target_tokens[1]))
         if isinstance(n_entities, int):
             n = n_entities
         else:
@@ -564,7 +575,7 @@ def generate_text2json(n_samples: int = 500, *, count_tokens: CountTokens, targe
                 raise ValueError(f"n_entities={n_entities!r}, allowed: (lo, hi) with 1 <= lo <= hi")
             n = _sample_rng(seed, i, "count").randint(lo, hi)
         out.append(make_text2json_sample(domain=domains[i % len(domains)], count_tokens=count_tokens,
-                                         target_tokens=target_tokens, n_entities=n, seed=seed, index=i,
+                                         target_tokens=target, n_entities=n, seed=seed, index=i,
                                          answer_format=answer_format, answer_prefix=answer_prefix,
                                          tolerance=tolerance))
     return out

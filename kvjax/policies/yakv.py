@@ -462,7 +462,7 @@ class YakvPolicy(Policy):
             lm = lk
         else:
             hc = self._lm_cfg(mcfg)
-            grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n))
+            grid = load_grid(cfg.landmark_d, cfg.landmark_n)  # numpy: lets higgs_encode use its cell search
             if hc.hadamard_group <= D:
                 codes = higgs_encode(lk, grid, hc)
             else:  # group spans heads: quantize token rows [B, NL, C]
@@ -488,7 +488,7 @@ class YakvPolicy(Policy):
         if fmt == "fp8":
             return fp8_encode(ks), fp8_encode(v), None, None
         hc = self._store_cfg(mcfg)
-        grid = jnp.asarray(load_grid(cfg.store_d, cfg.store_n))
+        grid = load_grid(cfg.store_d, cfg.store_n)  # numpy (concrete), see above
         if fmt == "higgs_packed":
             kc, vc = higgs_encode(ks, grid, hc), higgs_encode(v, grid, hc)
             return kc.codes, vc.codes, kc.scales, vc.scales

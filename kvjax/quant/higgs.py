@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.quant import nearest as _nearest
 from kvjax.quant.hadamard import check_group, hadamard_transform
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
 
 _SCALE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Sub-vectors scored per block in the nearest-point search: block * n floats of scratch (16 MiB at n=256).
-_SEARCH_BLOCK = 16384
+_SEARCH_BLOCK = _nearest.SEARCH_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,27 +226,11 @@ def _check_grid(grid, cfg: HiggsConfig):
 def nearest_grid_index(y, grid, *, block: int = _SEARCH_BLOCK):
     """Nearest grid point of each ``d``-sub-vector: ``y [M, d]``, ``grid [n, d]`` -> int32 ``[M]``.
 
-    ``argmax_j (2 <y, g_j> - ||g_j||^2)`` in float32 at HIGHEST matmul precision (first index wins ties).
-    Memory-bounded: rows are scored ``block`` at a time with ``lax.map`` (scratch ``block * n`` floats).
+    ``argmax_j (2 <y, g_j> - ||g_j||^2)`` in float32 (first index wins ties), by the exact cell-candidate search
+    of :mod:`kvjax.quant.nearest` when the grid is concrete, else by brute force. Memory-bounded: ``block``
+    sub-vectors at a time.
     """
-    return _nearest(jnp.asarray(y, jnp.float32), jnp.asarray(grid, jnp.float32), int(block))
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _nearest(y, grid, block: int):
-    gsq = jnp.sum(grid * grid, axis=-1)
-
-    def one_block(yb):  # [B, d] -> [B]
-        score = 2.0 * jnp.dot(yb, grid.T, precision=jax.lax.Precision.HIGHEST) - gsq
-        return jnp.argmax(score, axis=-1).astype(jnp.int32)
-
-    m = y.shape[0]
-    if m <= block:
-        return one_block(y)
-    nblk = -(-m // block)
-    pad = nblk * block - m
-    yp = jnp.pad(y, ((0, pad), (0, 0))).reshape(nblk, block, y.shape[1])
-    return jax.lax.map(one_block, yp).reshape(-1)[:m]
+    return _nearest.nearest_grid_index(y, grid, block=int(block))
 
 
 def higgs_encode(x, grid, cfg: HiggsConfig) -> HiggsCodes:
@@ -259,12 +244,15 @@ def higgs_encode(x, grid, cfg: HiggsConfig) -> HiggsCodes:
         raise ValueError("x must have shape [..., C], got a scalar")
     c = x.shape[-1]
     _check_c(c, cfg)
+    table = _nearest.cell_table(grid)  # before the cast: a traced grid has no table (brute force)
     grid = _check_grid(grid, cfg)
-    return _encode(x, grid, cfg)
+    if table is None:
+        return _encode(x, grid, None, cfg)
+    return _encode(x, grid, table.cand, cfg, table.radius, table.cells)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _encode(x, grid, cfg: HiggsConfig) -> HiggsCodes:
+@functools.partial(jax.jit, static_argnames=("cfg", "radius", "cells"))
+def _encode(x, grid, cand, cfg: HiggsConfig, radius: float = 0.0, cells: int = 0) -> HiggsCodes:
     c = x.shape[-1]
     g, d = cfg.hadamard_group, cfg.d
     lead = x.shape[:-1]
@@ -272,7 +260,12 @@ def _encode(x, grid, cfg: HiggsConfig) -> HiggsCodes:
     s = jnp.sqrt(jnp.sum(xg * xg, axis=-1))  # [..., C/G]
     safe = jnp.where(s > 0, s, 1.0)
     y = hadamard_transform(xg) / safe[..., None]
-    idx = nearest_grid_index(y.reshape(-1, d), grid).reshape(lead + (c // d,))
+    flat = y.reshape(-1, d)
+    if cand is None:
+        idx = _nearest.nearest_brute(flat, grid, _SEARCH_BLOCK)
+    else:
+        idx = _nearest.nearest_cells(flat, grid, _nearest.CellTable(cand, radius, cells))
+    idx = idx.reshape(lead + (c // d,))
     return HiggsCodes(codes=pack_indices(idx, code_bits(cfg)), scales=s.astype(cfg.jnp_scale_dtype))
 
 

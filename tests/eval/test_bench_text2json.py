@@ -49,6 +49,18 @@ def test_prompt_length_within_ten_percent(target, counter):
         assert abs(n - target) <= 0.1 * target, (n, target)
 
 
+def test_length_range_draws_a_target_per_sample_within_ten_percent():
+    samples = generate_text2json(12, count_tokens=count_simple_tokens, target_tokens=(2000, 6000), n_entities=5,
+                                 seed=3)
+    lengths = [count_simple_tokens(s.user_text) for s in samples]
+    assert all(2000 * 0.9 <= n <= 6000 * 1.1 for n in lengths), lengths
+    assert max(lengths) - min(lengths) > 1000, lengths  # a spread, not one target
+    again = generate_text2json(12, count_tokens=count_simple_tokens, target_tokens=[2000, 6000], n_entities=5, seed=3)
+    assert [s.user_text for s in again] == [s.user_text for s in samples]  # a CLI list works and is deterministic
+    with pytest.raises(ValueError, match="target_tokens"):
+        generate_text2json(1, count_tokens=count_simple_tokens, target_tokens=(5000, 4000))
+
+
 def test_deterministic_per_seed():
     kw = dict(count_tokens=count_simple_tokens, target_tokens=2500, n_entities=5)
     a = generate_text2json(4, seed=7, **kw)
