@@ -61,7 +61,7 @@ from models.transformer import rope_tables
 from .. import offload
 from ..attention import attend_rows
 from ..cache import write_token
-from ..quant import fp8_decode, fp8_encode, higgs_decode, higgs_encode, higgs_qdq, load_grid
+from ..quant import fp8_decode_bits, fp8_encode_bits, higgs_decode, higgs_encode, higgs_qdq, load_grid
 from ..quant.higgs import HiggsCodes, HiggsConfig, code_bits
 from .base import top_k, Policy, PolicyConfig, bucket_size, resolve_budget
 
@@ -215,8 +215,8 @@ class YakvState:
         ``prefix + m*c .. prefix + m*c + c - 1``.
       length, prefix, n_lm, n_sel: int32 ``[L, B]``: prompt length, sink tokens, valid landmarks, selected chunks.
     Host (pinned_host unless ``fetch_backend="device"``):
-      k_store, v_store: ``[L, B, Hkv, Tb, D]`` in the model dtype (higgs_qdq / none) or fp8; uint8 codes
-        ``[L, B, Hkv, Tb, D/d]`` for higgs_packed, with k_scales / v_scales ``[L, B, Hkv, Tb, D/G]`` (else None).
+      k_store, v_store: ``[L, B, Hkv, Tb, D]`` in the model dtype (higgs_qdq / none) or fp8 e4m3 as uint8 bit
+        patterns (fp8); uint8 codes ``[L, B, Hkv, Tb, D/d]`` for higgs_packed, with k_scales / v_scales ``[L, B, Hkv, Tb, D/G]`` (else None).
         Keys are pre-RoPE when ``keys_pre_rope``.
     """
 
@@ -486,7 +486,7 @@ class YakvPolicy(Policy):
         if fmt == "none":
             return ks, v, None, None
         if fmt == "fp8":
-            return fp8_encode(ks), fp8_encode(v), None, None
+            return fp8_encode_bits(ks), fp8_encode_bits(v), None, None  # uint8 bit patterns, see fp8.py
         hc = self._store_cfg(mcfg)
         grid = load_grid(cfg.store_d, cfg.store_n)  # numpy (concrete), see above
         if fmt == "higgs_packed":
@@ -559,7 +559,7 @@ class YakvPolicy(Policy):
         fetch = functools.partial(offload.fetch_rows, layer=layer, idx=start, backend=cfg.fetch_backend, chunk=c)
         kr, vr = fetch(st.k_store), fetch(st.v_store)
         if cfg.store_format == "fp8":
-            kr, vr = fp8_decode(kr, dt), fp8_decode(vr, dt)
+            kr, vr = fp8_decode_bits(kr, dt), fp8_decode_bits(vr, dt)
         elif cfg.store_format == "higgs_packed":
             hc = self._store_cfg(mcfg)
             grid = jnp.asarray(load_grid(cfg.store_d, cfg.store_n))

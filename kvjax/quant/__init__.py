@@ -1,5 +1,13 @@
 """Quantizers for offloaded KV and landmarks: HIGGS (Hadamard + EDEN grids), FP8 e4m3, Walsh–Hadamard."""
-from kvjax.quant.fp8 import FP8_DTYPE, FP8_MAX, fp8_decode, fp8_encode, fp8_overflow_count
+from kvjax.quant.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    fp8_decode,
+    fp8_decode_bits,
+    fp8_encode,
+    fp8_encode_bits,
+    fp8_overflow_count,
+)
 from kvjax.quant.grids import (
     available_grids,
     generate_eden_grid,
@@ -34,7 +42,9 @@ __all__ = [
     "check_group",
     "code_bits",
     "fp8_decode",
+    "fp8_decode_bits",
     "fp8_encode",
+    "fp8_encode_bits",
     "fp8_overflow_count",
     "generate_eden_grid",
     "grid_filename",

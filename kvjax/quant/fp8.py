@@ -13,9 +13,10 @@ infinite overflow saturates to ±448. NaN inputs stay NaN (clipping does not hid
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "fp8_decode", "fp8_encode", "fp8_overflow_count"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "fp8_decode", "fp8_decode_bits", "fp8_encode", "fp8_encode_bits", "fp8_overflow_count"]
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
@@ -42,6 +43,24 @@ def fp8_decode(x, dtype=jnp.bfloat16):
     if x.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_decode expects a float8_e4m3fn array, got dtype {x.dtype}")
     return x.astype(dtype)
+
+
+def fp8_encode_bits(x):
+    """:func:`fp8_encode` returned as its uint8 bit patterns (same shape, 1 byte per value).
+
+    Stores keep these instead of ``float8_e4m3fn`` arrays: XLA:CPU gathers rows of a float8 array by first
+    converting the *whole* operand (measured here: 78 ms vs 2.0 ms for a uint8 gather of the same 256 rows per
+    layer out of a 30-layer x 16k-token store), and a bitcast of the fetched rows is free.
+    """
+    return jax.lax.bitcast_convert_type(fp8_encode(x), jnp.uint8)
+
+
+def fp8_decode_bits(bits, dtype=jnp.bfloat16):
+    """Widen uint8 ``float8_e4m3fn`` bit patterns (from :func:`fp8_encode_bits`) to ``dtype``."""
+    bits = jnp.asarray(bits)
+    if bits.dtype != jnp.uint8:
+        raise ValueError(f"fp8_decode_bits expects uint8 bit patterns, got dtype {bits.dtype}")
+    return fp8_decode(jax.lax.bitcast_convert_type(bits, FP8_DTYPE), dtype)
 
 
 def fp8_overflow_count(x):

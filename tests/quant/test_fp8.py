@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kvjax.quant import fp8_decode, fp8_encode, fp8_overflow_count
+from kvjax.quant import fp8_decode, fp8_decode_bits, fp8_encode, fp8_encode_bits, fp8_overflow_count
 
 
 def all_finite_e4m3():
@@ -67,3 +67,16 @@ def test_nan_input_stays_nan_and_decode_checks_dtype():
 def test_overflow_count():
     x = jnp.array([1.0, 448.0, 448.5, -1e6, np.inf, np.nan, -447.0])
     assert int(fp8_overflow_count(x)) == 3
+
+
+def test_bit_pattern_store_round_trips_like_the_fp8_array():
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((3, 257)) * 300, jnp.float32)
+    bits = fp8_encode_bits(x)
+    assert bits.dtype == jnp.uint8 and bits.shape == x.shape
+    # same bytes as the float8 array, and the same decoded values (ml_dtypes view as the independent reference)
+    want = np.asarray(fp8_encode(x)).view(np.uint8)
+    np.testing.assert_array_equal(np.asarray(bits), want)
+    np.testing.assert_array_equal(np.asarray(fp8_decode_bits(bits, jnp.float32)),
+                                  want.view(ml_dtypes.float8_e4m3fn).astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        fp8_decode_bits(x)
