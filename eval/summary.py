@@ -234,11 +234,21 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list[
 
 def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, plots: bool = True
                   ) -> tuple[str, list[dict]]:
-    """summary.md, summary.csv and plots/ for ``records`` under ``out_dir``; returns (markdown, rows)."""
+    """summary.md, summary.csv, paired.csv (:mod:`eval.compare`, when two methods share a budget) and plots/ for
+    ``records`` under ``out_dir``; returns (markdown, rows)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from . import compare
+
     rows = summarize(records)
     md = to_markdown(rows) if rows else "(no finished records)\n"
+    pairs = compare.paired(records)
+    if pairs:  # two methods at the same budget: which stays closer to full, sample by sample
+        md += "\n" + compare.to_markdown(pairs)
+        with open(out_dir / "paired.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(pairs[0]))
+            w.writeheader()
+            w.writerows(pairs)
     notes = ("\nscore: mean task score ×100 with a bootstrap 95% interval over samples; KL: mean KL(full ‖ method) "
              "per decode step (nats), teacher-forced on full's greedy output; top-1 agr: share of those steps where "
              "the method's greedy token equals full's; 1st div: median index of the first differing generated token "
