@@ -31,7 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--shape", default="smollm2-135m", help="config preset whose shape to use")
     d.add_argument("--methods", default="full,yakv,yakv-serving,shadowkv",
                    help="comma list of methods/presets (default: %(default)s; yakv = the paper's accuracy path "
-                        "§3.1, yakv-serving = its inference path §3.2)")
+                        "§3.1, yakv-serving = its inference path §3.2); a method may carry config overrides in "
+                        "brackets for ablations, e.g. 'yakv-serving[sparse_budget=16;fetch_backend=device]'")
     d.add_argument("--lengths", default="8192,32768,65536")
     d.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="model/cache dtype (default: float32 on CPU, where XLA runs bf16 dots ~8x slower and "
@@ -42,6 +43,53 @@ def add_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     s.add_argument("--shape", default="smollm2", choices=["smollm2", "paper"])
     s.add_argument("--json", help="also write the rows to this JSON file")
+
+
+def _value(v: str):
+    v = v.strip()
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    if "/" in v:
+        a, _, b = v.partition("/")
+        try:
+            return int(a) / int(b)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def parse_methods(spec: str) -> list[tuple[str, str, dict]]:
+    """``"full,yakv[sparse_budget=1/64;chunk_size=4]"`` -> [(label, method, overrides), ...] (commas inside
+    brackets are not separators; options are ``;``-separated KEY=VALUE, values int/float/a/b/true/false/none/str)."""
+    items, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    out = []
+    for it in (x.strip() for x in items):
+        if not it:
+            continue
+        name, _, rest = it.partition("[")
+        opts = {}
+        if rest:
+            if not rest.endswith("]"):
+                raise ValueError(f"--methods entry {it!r}: expected NAME[KEY=VALUE;...]")
+            for kv in filter(None, (x.strip() for x in rest[:-1].split(";"))):
+                if "=" not in kv:
+                    raise ValueError(f"--methods entry {it!r}: option {kv!r} is not KEY=VALUE")
+                k, _, v = kv.partition("=")
+                opts[k.strip()] = _value(v)
+        out.append((it, name.strip(), opts))
+    return out
 
 
 def machine() -> str:
@@ -176,9 +224,9 @@ def bench_decode(shape: str, methods: list[str], lengths: list[int], dtype: str,
         kv = KVCache(jax.random.normal(kk, shape_kv, jnp.float32).astype(dtype),
                      jax.random.normal(kv_, shape_kv, jnp.float32).astype(dtype))
         lens = np.array([T], np.int32)
-        for m in tqdm(methods, desc=f"{T} tokens", unit="method"):
+        for label, m, opts in tqdm(parse_methods(",".join(methods)), desc=f"{T} tokens", unit="method"):
             try:
-                eng = Engine(lm, policy=make_policy(m))
+                eng = Engine(lm, policy=make_policy(m, **opts))
             except ValueError as e:
                 print(f"skip {m}: {e}")
                 continue
@@ -196,7 +244,7 @@ def bench_decode(shape: str, methods: list[str], lengths: list[int], dtype: str,
                 nxt, _, state = step(eng.params, state, nxt, eng._put(lens + 1 + i), key, *a)
             jax.block_until_ready(nxt)
             ms = 1000 * (time.perf_counter() - t) / steps
-            rows.append({"method": m, "prompt_tokens": T, "ms_per_step": ms,
+            rows.append({"method": label, "prompt_tokens": T, "ms_per_step": ms,
                          "device_MB": rep["by_kind"].get("device", 0) / 2**20,
                          "host_MB": sum(v for k, v in rep["by_kind"].items() if k != "device") / 2**20,
                          "device_B_per_prompt_token": rep["per_prompt_token_variable"].get("device", 0.0),
