@@ -72,6 +72,17 @@ def test_default_cli_is_the_default_preset():
         runner.config_from_args(_args("--bench-opt", "nocolon"))
 
 
+def test_larger_preset_is_the_run_asked_for():
+    """20 Text2JSON samples at 4k-7k tokens + MultiNeedle at ~8k, budgets 1/64 to 1/8, yakv vs shadowkv."""
+    cfg = runner.config_from_args(_args("--preset", "larger"))
+    assert cfg.methods == ["full", "yakv", "shadowkv"]
+    assert [f for _, f in cfg.budgets] == [1 / 64, 1 / 32, 1 / 16, 1 / 8]
+    t2j = cfg.benchmarks["text2json_synth"]
+    assert t2j["n_samples"] == 20 and list(t2j["target_tokens"]) == [4000, 7000]
+    assert 7000 <= cfg.benchmarks["multineedle"]["context_length"] <= 8192
+    assert cfg.out == pathlib.Path("runs/larger")
+
+
 def test_toy_benchmark_scores_substring():
     samples, _ = runner.ToyRetrieval().build(n_samples=2, n_pairs=5, seed=1)
     s = samples[0]
