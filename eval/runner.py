@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import fractions
 import json
-import math
 import os
 import pathlib
 import random
@@ -49,6 +48,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from eval.benchmarks import Sample, get_benchmark, register
 from eval import summary as summary_mod
+from kvjax.options import parse_value as _parse_value
 
 # ------------------------------------------------------------------------------------------------------------ presets
 #: The paper's default budgets where they differ from a policy class's own default: YAKV's eval config (1/32) and
@@ -181,25 +181,7 @@ class ByteTokenizer:
 # ---------------------------------------------------------------------------------------------------- parsing helpers
 def parse_value(v: str) -> Any:
     """CLI value: int, float, a/b fraction, true/false, none, comma list, else the string."""
-    v = v.strip()
-    if "," in v:
-        return [parse_value(x) for x in v.split(",") if x.strip()]
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    if "/" in v:
-        try:
-            return float(fractions.Fraction(v))
-        except (ValueError, ZeroDivisionError):
-            pass
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    return v
+    return _parse_value(v, lists=True)
 
 
 def parse_budget(s: str) -> tuple[str, float | int | None]:

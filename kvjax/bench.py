@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from .options import parse_value
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", required=True)
@@ -45,22 +47,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--json", help="also write the rows to this JSON file")
 
 
-def _value(v: str):
-    v = v.strip()
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    if "/" in v:
-        a, _, b = v.partition("/")
-        try:
-            return int(a) / int(b)
-        except (ValueError, ZeroDivisionError):
-            pass
-    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
-
-
 def parse_methods(spec: str) -> list[tuple[str, str, dict]]:
     """``"full,yakv[sparse_budget=1/64;chunk_size=4]"`` -> [(label, method, overrides), ...] (commas inside
     brackets are not separators; options are ``;``-separated KEY=VALUE, values int/float/a/b/true/false/none/str)."""
@@ -87,7 +73,7 @@ def parse_methods(spec: str) -> list[tuple[str, str, dict]]:
                 if "=" not in kv:
                     raise ValueError(f"--methods entry {it!r}: option {kv!r} is not KEY=VALUE")
                 k, _, v = kv.partition("=")
-                opts[k.strip()] = _value(v)
+                opts[k.strip()] = parse_value(v)
         out.append((it, name.strip(), opts))
     return out
 

@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from .options import parse_value
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
@@ -51,19 +53,6 @@ def parse_budget(s: str | None):
     return v
 
 
-def _parse_value(v: str):
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    if v.lower() == "none":
-        return None
-    return v
-
-
 def build_policy(method: str, budget=None, opts=()):
     from .policies import make_policy
 
@@ -72,7 +61,7 @@ def build_policy(method: str, budget=None, opts=()):
         if "=" not in o:
             raise SystemExit(f"--policy-opt {o!r}: expected KEY=VALUE")
         k, v = o.split("=", 1)
-        kw[k.strip()] = _parse_value(v.strip())
+        kw[k.strip()] = parse_value(v)
     if budget is not None:
         kw["sparse_budget"] = budget
     try:
