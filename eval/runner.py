@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from eval.benchmarks import Sample, get_benchmark, register
 from eval import summary as summary_mod
-from kvjax.options import parse_value as _parse_value
+from kvjax.options import parse_methods, parse_value as _parse_value
 
 # ------------------------------------------------------------------------------------------------------------ presets
 #: The paper's default budgets where they differ from a policy class's own default: YAKV's eval config (1/32) and
@@ -410,9 +410,13 @@ def method_specs(methods: Sequence[str], budgets: Sequence[tuple[str, Any]],
     from kvjax.policies import make_policy
 
     specs = []
-    for m in methods:
-        opts = dict(policy_opts.get(m, {}))
+    for name, m, inline in parse_methods(",".join(methods)):
+        # "yakv[store_format=none]" is a variant of yakv with its own label; --policy-opt for the base name
+        # applies to every variant, for the full label to that variant only, inline options last
+        opts = {**policy_opts.get(m, {}), **(policy_opts.get(name, {}) if name != m else {}), **inline}
         if m == "full":
+            if inline:
+                raise ValueError(f"method {name!r}: full attention is the reference and takes no variant options")
             specs.append(MethodSpec("full", "-", None, make_policy("full", **opts)))
             continue
         knob = _knob(m)
@@ -425,8 +429,8 @@ def method_specs(methods: Sequence[str], budgets: Sequence[tuple[str, Any]],
             try:
                 pol = make_policy(m, **{**opts, knob: val})
             except (TypeError, ValueError) as e:
-                raise ValueError(f"method {m!r} with {knob}={val!r} and options {opts}: {e}") from None
-            specs.append(MethodSpec(m, label, val, pol))
+                raise ValueError(f"method {name!r} with {knob}={val!r} and options {opts}: {e}") from None
+            specs.append(MethodSpec(name, label, val, pol))
     seen, out = set(), []
     for s in specs:
         if (s.method, s.budget) not in seen:
@@ -616,6 +620,10 @@ def run(cfg: RunConfig, on_record: Callable[[dict], None] | None = None) -> dict
     dtype = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     specs = method_specs(cfg.methods, cfg.budgets, cfg.policy_opts)
     if cfg.equal_memory is not None:
+        variants = [m for m in cfg.methods if "[" in m]
+        if variants:
+            raise ValueError(f"--equal-memory plans each method's own config; variants {variants} are not supported "
+                             f"there (use --policy-opt METHOD.KEY=VALUE)")
         specs = [s for s in specs if s.method == "full"] + [
             MethodSpec(m, f"eq{cfg.equal_memory:g}B/tok", None, None) for m in cfg.methods if m != "full"]
     need_ref = cfg.fidelity or any(s.method == "full" for s in specs)
@@ -840,7 +848,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="default: float32 on CPU, bfloat16 elsewhere")
     p.add_argument("--mesh", default=None, metavar="DATAxMODEL", help="shard each model over local devices")
-    p.add_argument("--methods", default=None, help="comma list, e.g. full,yakv,shadowkv (full is the reference)")
+    p.add_argument("--methods", default=None,
+                   help="comma list, e.g. full,yakv,shadowkv (full is the reference); a variant carries config "
+                        "overrides in brackets and is reported under that label, e.g. 'yakv[store_format=none]'")
     p.add_argument("--budgets", default=None,
                    help="comma list: 'default' (paper: yakv 1/32, shadowkv 1/64), fractions of the prompt "
                         "(1/64, 0.03125) or token counts (2048); sets each method's budget knob")

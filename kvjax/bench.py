@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .options import parse_value
+from .options import parse_methods
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -45,37 +45,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     s.add_argument("--shape", default="smollm2", choices=["smollm2", "paper"])
     s.add_argument("--json", help="also write the rows to this JSON file")
-
-
-def parse_methods(spec: str) -> list[tuple[str, str, dict]]:
-    """``"full,yakv[sparse_budget=1/64;chunk_size=4]"`` -> [(label, method, overrides), ...] (commas inside
-    brackets are not separators; options are ``;``-separated KEY=VALUE, values int/float/a/b/true/false/none/str)."""
-    items, depth, cur = [], 0, ""
-    for ch in spec:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    items.append(cur)
-    out = []
-    for it in (x.strip() for x in items):
-        if not it:
-            continue
-        name, _, rest = it.partition("[")
-        opts = {}
-        if rest:
-            if not rest.endswith("]"):
-                raise ValueError(f"--methods entry {it!r}: expected NAME[KEY=VALUE;...]")
-            for kv in filter(None, (x.strip() for x in rest[:-1].split(";"))):
-                if "=" not in kv:
-                    raise ValueError(f"--methods entry {it!r}: option {kv!r} is not KEY=VALUE")
-                k, _, v = kv.partition("=")
-                opts[k.strip()] = parse_value(v)
-        out.append((it, name.strip(), opts))
-    return out
 
 
 def machine() -> str:

@@ -100,7 +100,12 @@ class Policy:
 
     def __init__(self, config: PolicyConfig | None = None, **overrides):
         cfg_cls = type(self).config_class
-        self.config = dataclasses.replace(config or cfg_cls(), **overrides)
+        base = config or cfg_cls()
+        # a CLI "none" arrives as None; for a field whose value is a string ("none" is a valid choice of several
+        # str fields, e.g. yakv's store_format) it means the string
+        str_fields = {f.name for f in dataclasses.fields(base) if isinstance(getattr(base, f.name), str)}
+        overrides = {k: ("none" if v is None and k in str_fields else v) for k, v in overrides.items()}
+        self.config = dataclasses.replace(base, **overrides)
 
     config_class: ClassVar[type] = PolicyConfig
 

@@ -2,19 +2,20 @@
 import pytest
 
 from kvjax import bench
+from kvjax.options import parse_methods
 
 
 def test_method_specs_with_overrides():
-    got = bench.parse_methods("full, yakv-serving[sparse_budget=16;fetch_backend=device],yakv[sparse_budget=1/64],"
+    got = parse_methods("full, yakv-serving[sparse_budget=16;fetch_backend=device],yakv[sparse_budget=1/64],"
                               "shadowkv[outlier_budget=0;rank=none]")
     assert [(m, o) for _, m, o in got] == [
         ("full", {}), ("yakv-serving", {"sparse_budget": 16, "fetch_backend": "device"}),
         ("yakv", {"sparse_budget": 1 / 64}), ("shadowkv", {"outlier_budget": 0, "rank": None})]
     assert got[1][0] == "yakv-serving[sparse_budget=16;fetch_backend=device]"  # the row label keeps the options
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        bench.parse_methods("yakv[sparse_budget]")
+        parse_methods("yakv[sparse_budget]")
     with pytest.raises(ValueError, match=r"NAME\[KEY=VALUE"):
-        bench.parse_methods("yakv[sparse_budget=2")
+        parse_methods("yakv[sparse_budget=2")
 
 
 def test_bench_decode_rows_reflect_the_overrides():

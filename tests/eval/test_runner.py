@@ -52,6 +52,20 @@ def test_method_specs_paper_defaults_and_grid():
     assert sum(s.method == "full" for s in specs) == 1
 
 
+def test_method_variants_carry_their_own_options_and_label():
+    specs = runner.method_specs(["full", "yakv", "yakv[store_format=none;local_budget=32]"],
+                                [runner.parse_budget("1/16")],
+                                {"yakv": {"local_budget": 16}, "yakv[store_format=none;local_budget=32]": {"chunk_size": 1}})
+    got = {s.method: s.policy.config for s in specs}
+    assert set(got) == {"full", "yakv", "yakv[store_format=none;local_budget=32]"}
+    plain, variant = got["yakv"], got["yakv[store_format=none;local_budget=32]"]
+    assert (plain.store_format, plain.local_budget, plain.sparse_budget) == ("higgs_qdq", 16, 1 / 16)
+    # base-name options apply to the variant too, inline ones win; the budget knob is set as for the base
+    assert (variant.store_format, variant.local_budget, variant.sparse_budget) == ("none", 32, 1 / 16)
+    with pytest.raises(ValueError, match="full attention"):
+        runner.method_specs(["full[store_format=none]"], [("default", None)], {})
+
+
 def test_default_cli_is_the_default_preset():
     from kvjax import cli
 
