@@ -61,7 +61,8 @@ RUNNER_KEYS = ("max_new_tokens", "answer_prefix", "max_prompt_tokens")
 TABLE_PREFIX = "table"  # answer_prefix value: "| name | k1 | k2 |\n|---|---|---|\n|" from the sample's own keys
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # smollm2-135m in float32 on CPU: ~10 minutes on a busy 2-core machine (measured), under the 15-minute target.
+    # smollm2-135m in float32 on CPU: 8 + 8 samples, ~4 minutes on a quiet 2-core machine (3 + 3 took 1.6 min quiet
+    # and 12 min on a busy machine before the faster quantizer search), under the 15-minute target.
     # Text2JSON in the line format (the 135M model cannot write JSON) with a markdown-table header as answer prefix,
     # medical domain only (the domain where the 135M model recovers names and attributes; its movie titles come
     # back quoted and score 0), and MultiNeedle (3 needles) inside the model's 8k context, cut with the model's
@@ -71,9 +72,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ["full", "yakv", "shadowkv"],
         "budgets": ["default"],
         "benchmarks": {
-            "text2json_synth": {"n_samples": 3, "target_tokens": 1500, "n_entities": 5, "answer_format": "lines",
+            "text2json_synth": {"n_samples": 8, "target_tokens": 1500, "n_entities": 5, "answer_format": "lines",
                                 "domains": ["medical"], "answer_prefix": TABLE_PREFIX, "max_new_tokens": 96},
-            "multineedle": {"n_samples": 3, "context_length": 2500, "length_buffer": 200, "needle_count": 3,
+            "multineedle": {"n_samples": 8, "context_length": 2500, "length_buffer": 200, "needle_count": 3,
                             "max_new_tokens": 40},
         },
         "recall_every": 4,
@@ -840,7 +841,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``kvjax eval`` (every one optional: no flags = the default CPU run, preset "default")."""
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="starting point for models/methods/budgets/benchmarks (default: %(default)s: smollm2-135m, "
-                        "synthetic Text2JSON (line format) + MultiNeedle 2.5k, full/yakv/shadowkv, ~15 min on CPU; "
+                        "synthetic Text2JSON (line format) + MultiNeedle 2.5k, 8 samples each, full/yakv/shadowkv, ~4 min on a "
+                        "quiet 2-core CPU; "
                         "larger: 20 Text2JSON at 4k-7k + 10 MultiNeedle at 7.6k tokens, budgets 1/64..1/8, ~80 min "
                         "on CPU; paper: the authors' benchmarks, needs a 128k-context checkpoint; toy: tokenizer-free "
                         "smoke test)")
