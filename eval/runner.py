@@ -267,11 +267,7 @@ def record_key(model: str, benchmark: str, sample_id: str, method: str, budget: 
 
 
 # ------------------------------------------------------------------------------------------------------ result store
-def _keep(records: dict[str, dict], rec: dict) -> None:
-    """Keep the first record of a key, except that a record without ``error`` replaces an error record."""
-    old = records.get(rec["key"])
-    if old is None or (old.get("error") and not rec.get("error")):
-        records[rec["key"]] = rec
+_keep = summary_mod.keep_record
 
 
 class ResultStore:
@@ -358,16 +354,8 @@ def merge_parts(out: pathlib.Path, part_paths: Sequence[pathlib.Path]) -> int:
     main = out / "results.jsonl"
     seen: dict[str, dict] = {}
     for p in [main, *part_paths]:
-        if not p.exists():
-            continue
-        with open(p, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and isinstance(rec.get("key"), str):
-                    _keep(seen, rec)
+        for rec in summary_mod.load_records(p):  # per file the same rule, so merging files keeps it
+            _keep(seen, rec)
     tmp = main.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for rec in seen.values():

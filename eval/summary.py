@@ -81,10 +81,15 @@ def load_records(path: str | os.PathLike) -> list[dict]:
                 continue
             if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
                 continue
-            old = out.get(rec["key"])
-            if old is None or (old.get("error") and not rec.get("error")):
-                out[rec["key"]] = rec
+            keep_record(out, rec)
     return list(out.values())
+
+
+def keep_record(records: dict[str, dict], rec: dict) -> None:
+    """Keep the first record of a key, except that a record without ``error`` replaces an error record."""
+    old = records.get(rec["key"])
+    if old is None or (old.get("error") and not rec.get("error")):
+        records[rec["key"]] = rec
 
 
 def _mean(xs: Iterable[float | None]) -> float | None:
@@ -262,5 +267,5 @@ def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
     return md, rows
 
 
-__all__ = ["COLUMNS", "bootstrap_ci", "load_records", "plot", "primary_score", "summarize", "to_markdown",
-           "write_csv", "write_summary"]
+__all__ = ["COLUMNS", "bootstrap_ci", "keep_record", "load_records", "plot", "primary_score", "summarize",
+           "to_markdown", "write_csv", "write_summary"]

@@ -400,14 +400,8 @@ class PagePolicy(Policy):
 class ArkValeConfig(PageConfig):
     """ArkVale as the paper ran it (the authors' fork ``run_config.py``, algorithms.md §9): pages of 16 tokens,
     ``budget = 0.015625/2`` of the prompt (selected pages ``max(1, ceil(int(budget·T)/16))``), 2 sink pages, 5
-    window pages, every layer sparse, pages fetched with one DMA each (``chunk_slices``)."""
-
-    page_size: int = 16
-    budget: float | int = 0.0078125
-    n_sink_pages: int = 2
-    n_win_pages: int = 5
-    dense_layers: int = 0
-    fetch_backend: str = "chunk_slices"
+    window pages, every layer sparse, pages fetched with one DMA each (``chunk_slices``) — the defaults of
+    :class:`PageConfig`."""
 
 
 class ArkValePolicy(PagePolicy):

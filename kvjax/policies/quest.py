@@ -38,14 +38,11 @@ from .arkvale import PageConfig, PagePolicy, budget_tokens
 class QuestConfig(PageConfig):
     """Quest: pages of 16 tokens, ``budget`` = every attended prompt token (fraction of the prompt or token
     count; default 1/128), no sink pages, the last prompt page always kept, the first 2 layers dense, pages fetched
-    with one DMA each."""
+    with one DMA each (page size, budget and fetch backend as :class:`PageConfig`)."""
 
-    page_size: int = 16
-    budget: float | int = 0.0078125
     n_sink_pages: int = 0
     n_win_pages: int = 1
     dense_layers: int = 2
-    fetch_backend: str = "chunk_slices"
 
 
 class QuestPolicy(PagePolicy):

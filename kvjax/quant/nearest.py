@@ -22,7 +22,6 @@ uint8 table; 2.5 s for EDEN4-256, 1048576 x 19 = 20 MB).
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import NamedTuple
 
 import jax
@@ -101,7 +100,7 @@ def _cells_np(grid: np.ndarray, radius: float, cells: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_table(key: str, grid_bytes: bytes, shape: tuple, radius: float, cells: int) -> CellTable:
+def _cached_table(grid_bytes: bytes, shape: tuple, radius: float, cells: int) -> CellTable:
     grid = np.frombuffer(grid_bytes, np.float32).reshape(shape)
     cand = _cells_np(grid, radius, cells)
     cand = cand.astype(np.uint8) if shape[0] <= 256 else cand
@@ -121,8 +120,7 @@ def cell_table(grid) -> CellTable | None:
     radius, cells = _LATTICE[g.shape[1]]
     if not np.all(np.isfinite(g)) or np.abs(g).max() >= radius:
         return None
-    key = hashlib.sha1(g.tobytes()).hexdigest()
-    return _cached_table(key, g.tobytes(), g.shape, radius, cells)
+    return _cached_table(g.tobytes(), g.shape, radius, cells)
 
 
 def _cell_block(yb, grid, gsq, table: CellTable):

@@ -15,7 +15,7 @@ from kvjax.policies import make_policy
 from kvjax.policies.arkvale import ArkValePolicy, page_bound, page_digests
 from kvjax.policies.quest import QuestPolicy
 from models import ModelConfig
-from policy_steps import lower_step_for_tpu, run_steps
+from policy_steps import smollm2_greedy_vs_full, lower_step_for_tpu, run_steps
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -195,11 +195,5 @@ def test_validate_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["arkvale", "quest"])
 def test_smollm2_full_budget_matches_full_attention(name):
-    lm = models.load_model("smollm2-135m", dtype="float32")
-    eng = kvjax.Engine(lm, policy="full")
-    prompts = [eng.encode("Summarise in one sentence: the quick brown fox jumps over the lazy dog. " * 12),
-               eng.encode("Name three prime numbers and explain why they are prime.")]
-    gen = kvjax.GenerationConfig(max_new_tokens=12, stop_ids=())
-    ref = [o.ids for o in eng.generate(prompts, gen)]
-    got = [o.ids for o in eng.with_policy(make_policy(name, budget=1.0)).generate(prompts, gen)]
+    got, ref = smollm2_greedy_vs_full(make_policy(name, budget=1.0))
     assert got == ref

@@ -14,7 +14,7 @@ from kvjax.policies import make_policy
 from kvjax.policies.infinigen import InfiniGenPolicy, skewing_from_activations
 from models import ModelConfig
 from models.transformer import causal_attention, embed_tokens, layer_qkv, rope_tables, run_layers_carry
-from policy_steps import lower_step_for_tpu, run_steps
+from policy_steps import smollm2_greedy_vs_full, lower_step_for_tpu, run_steps
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -222,11 +222,5 @@ def test_smollm2_speculation_recalls_the_true_top_tokens(shared_dir):
 
 @pytest.mark.slow
 def test_smollm2_full_budget_matches_full_attention():
-    lm = models.load_model("smollm2-135m", dtype="float32")
-    eng = kvjax.Engine(lm, policy="full")
-    prompts = [eng.encode("Summarise in one sentence: the quick brown fox jumps over the lazy dog. " * 12),
-               eng.encode("Name three prime numbers and explain why they are prime.")]
-    gen = kvjax.GenerationConfig(max_new_tokens=12, stop_ids=())
-    ref = [o.ids for o in eng.generate(prompts, gen)]
-    pol = make_policy("infinigen", budget=1.0, calibration_len=256)
-    assert [o.ids for o in eng.with_policy(pol).generate(prompts, gen)] == ref
+    got, ref = smollm2_greedy_vs_full(make_policy("infinigen", budget=1.0, calibration_len=256))
+    assert got == ref

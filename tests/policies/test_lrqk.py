@@ -13,7 +13,7 @@ import models
 from kvjax.policies import make_policy
 from kvjax.policies.lrqk import LRQKPolicy, lrqk_factorize, lrqk_objective, lrqk_project, topcol_init
 from models import ModelConfig
-from policy_steps import lower_step_for_tpu, run_steps
+from policy_steps import smollm2_greedy_vs_full, lower_step_for_tpu, run_steps
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -223,10 +223,5 @@ def test_smollm2_proxy_scores_rank_like_exact_scores(shared_dir):
 
 @pytest.mark.slow
 def test_smollm2_full_budget_matches_full_attention():
-    lm = models.load_model("smollm2-135m", dtype="float32")
-    eng = kvjax.Engine(lm, policy="full")
-    prompts = [eng.encode("Summarise in one sentence: the quick brown fox jumps over the lazy dog. " * 12),
-               eng.encode("Name three prime numbers and explain why they are prime.")]
-    gen = kvjax.GenerationConfig(max_new_tokens=12, stop_ids=())
-    ref = [o.ids for o in eng.generate(prompts, gen)]
-    assert [o.ids for o in eng.with_policy(make_policy("lrqk", num_active=1.0)).generate(prompts, gen)] == ref
+    got, ref = smollm2_greedy_vs_full(make_policy("lrqk", num_active=1.0))
+    assert got == ref
