@@ -163,8 +163,13 @@ def layer_qkv(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: j
     return apply_rope(q, cos, sin), k, apply_rope(k, cos, sin), v
 
 
-def layer_finish(lp: Params, cfg: ModelConfig, x: jax.Array, attn: jax.Array) -> jax.Array:
-    """Output projection, residual, SwiGLU MLP, residual. attn ``[B, T, H, D]`` -> x ``[B, T, d]``."""
+def layer_finish(lp: Params, cfg: ModelConfig, x: jax.Array, attn: jax.Array, *, layer: jax.Array | None = None,
+                 params: Params | None = None) -> jax.Array:
+    """Output projection, residual, SwiGLU MLP, residual. attn ``[B, T, H, D]`` -> x ``[B, T, d]``.
+
+    ``lp`` is this layer's slice of every ``layers.*`` parameter; ``layer`` (traced int32) and ``params`` (the whole
+    parameter dict) are given by every caller so that a block whose weights are not stacked over all layers (e.g. a
+    model mixing dense and MoE layers) can index its own stacks."""
     B, T = attn.shape[:2]
     x = x + _mm(attn.reshape(B, T, -1).astype(x.dtype), lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -187,12 +192,12 @@ def run_layers(params: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     layer_params = {k[len("layers."):]: v for k, v in params.items() if k.startswith("layers.")}
 
     def body(h, xs):
-        lp, st = xs
+        lp, layer, st = xs
         q, k_pre, k, v = layer_qkv(lp, cfg, h, cos, sin)
         out, st = attend(st, q, k_pre, k, v)
-        return layer_finish(lp, cfg, h, out), st
+        return layer_finish(lp, cfg, h, out, layer=layer, params=params), st
 
-    return jax.lax.scan(body, x, (layer_params, state))
+    return jax.lax.scan(body, x, (layer_params, jnp.arange(cfg.num_layers), state))
 
 
 CarryAttendFn = Callable[..., tuple[jax.Array, Any]]
@@ -217,7 +222,7 @@ def run_layers_carry(params: Params, cfg: ModelConfig, x: jax.Array, positions: 
         hn = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
         q, k_pre, k, v = layer_qkv(lp, cfg, h, cos, sin, hn)
         out, st = attend(st, layer, q, k_pre, k, v, hn)
-        return (layer_finish(lp, cfg, h, out), st), None
+        return (layer_finish(lp, cfg, h, out, layer=layer, params=params), st), None
 
     (x, state), _ = jax.lax.scan(body, (x, state), (layer_params, jnp.arange(cfg.num_layers)))
     return x, state

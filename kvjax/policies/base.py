@@ -97,6 +97,9 @@ class Policy:
     # False: rows fetched from host live only inside the decode step; memory_report then adds their device
     # scratch (``bytes_fetched_per_step``) as a transient component so equal-memory comparisons are fair.
     fetched_rows_in_state: ClassVar[bool] = False
+    #: the config field a single "budget" (CLI --budget, eval --budgets, equal-memory planning) sets; None: the
+    #: policy has no budget (full attention)
+    budget_knob: ClassVar[str | None] = "sparse_budget"
 
     def __init__(self, config: PolicyConfig | None = None, **overrides):
         cfg_cls = type(self).config_class
