@@ -149,12 +149,25 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
-def cmd_eval(args) -> int:
-    try:
-        from eval import runner
-    except ImportError as e:
-        raise SystemExit(f"the evaluation runner is not available: {e}") from None
-    return runner.main(args)
+#: entry-point group through which other packages (the ``eval`` harness) add subcommands: each entry point is a
+#: function ``add_command(subparsers)`` that adds its parser and sets ``fn``. The library never imports them by name.
+COMMAND_GROUP = "kvjax.commands"
+
+
+def _add_plugin_commands(sub) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break the other commands
+            msg = f"kvjax {ep.name} is unavailable ({ep.value}: {type(e).__name__}: {e})"
+            p = sub.add_parser(ep.name, help=msg)
+
+            def unavailable(args, msg=msg):
+                raise SystemExit(f"kvjax: error: {msg}")
+
+            p.set_defaults(fn=unavailable)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,14 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_args(b)
     b.set_defaults(fn=cmd_bench)
 
-    e = sub.add_parser("eval", help="run the paper's benchmarks over models x methods x budgets (resumable)")
-    try:
-        from eval import runner
-
-        runner.add_args(e)
-    except ImportError:
-        pass
-    e.set_defaults(fn=cmd_eval)
+    _add_plugin_commands(sub)
     return p
 
 
