@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Regenerate kvjax's packaged EDEN grids (kvjax/quant/grids/EDEN{d}-{n}.npy) with seeded CLVQ.
+"""Regenerate kvjax's own EDEN grids (grid set "kvjax": kvjax/quant/grids/kvjax/EDEN{d}-{n}.npy) with seeded CLVQ.
+
+The default grid set, "paper" (kvjax/quant/grids/paper/), holds the authors' grids and is not generated here.
 
 Usage:
     python scripts/make_grids.py                       # default set, seed 0, 150 steps x 200k samples,
                                                       # 4 restarts for n <= 64
     python scripts/make_grids.py --grids 4-256 2-256 --steps 300 --samples 400000 --seed 1
-    python scripts/make_grids.py --compare ../shared/data/higgs_grids   # also print the paper grids' MSE
+    python scripts/make_grids.py --compare             # also print the packaged paper grids' MSE
 
 Each grid is float32 [n, d]. The printed MSE is per dimension on N(0, 1) samples (numpy seed 0).
 """
@@ -22,7 +24,13 @@ from tqdm import tqdm
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvjax.quant.grids import generate_eden_grid, grid_filename, quantization_mse  # noqa: E402
+from kvjax.quant.grids import (  # noqa: E402
+    available_grids,
+    generate_eden_grid,
+    grid_filename,
+    load_grid,
+    quantization_mse,
+)
 
 DEFAULT_GRIDS = ["4-256", "2-256", "2-16", "4-16", "2-64"]
 
@@ -44,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="Gaussian samples per step (default: %(default)s; authors: 10,000,000)")
     ap.add_argument("--restarts", type=int, default=None,
                     help="independent chains per grid, best kept (default: 4 when n <= 64, else 1)")
-    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "kvjax" / "quant" / "grids", help="output folder")
-    ap.add_argument("--compare", type=pathlib.Path, default=None,
-                    help="folder with the paper's EDEN{d}-{n}.npy grids to print their MSE alongside")
+    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "kvjax" / "quant" / "grids" / "kvjax",
+                    help="output folder (default: %(default)s)")
+    ap.add_argument("--compare", action="store_true",
+                    help="print the MSE of the packaged paper grid (grid set \"paper\") alongside")
     args = ap.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -61,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / grid_filename(d, n)
         np.save(path, grid.astype(np.float32))
         line = f"EDEN{d}-{n}: MSE/dim {quantization_mse(grid):.6f}"
-        if args.compare is not None and (args.compare / grid_filename(d, n)).is_file():
-            paper = np.load(args.compare / grid_filename(d, n))
-            pm = quantization_mse(paper)
+        if args.compare and (d, n) in available_grids("paper"):
+            pm = quantization_mse(load_grid(d, n, "paper"))
             line += f" (paper grid {pm:.6f}, ratio {quantization_mse(grid) / pm:.4f})"
         print(f"{line}  [{time.time() - t0:.0f} s] -> {path}", flush=True)
     return 0

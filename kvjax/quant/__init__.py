@@ -9,7 +9,10 @@ from kvjax.quant.fp8 import (
     fp8_overflow_count,
 )
 from kvjax.quant.grids import (
+    DEFAULT_GRID_SOURCE,
+    GRID_SOURCES,
     available_grids,
+    check_source,
     generate_eden_grid,
     grid_filename,
     load_grid,
@@ -33,13 +36,16 @@ from kvjax.quant.higgs import (
 )
 
 __all__ = [
+    "DEFAULT_GRID_SOURCE",
     "FP8_DTYPE",
     "FP8_MAX",
+    "GRID_SOURCES",
     "HiggsCodes",
     "HiggsConfig",
     "available_grids",
     "bits_per_value",
     "check_group",
+    "check_source",
     "code_bits",
     "fp8_decode",
     "fp8_decode_bits",

@@ -1,14 +1,21 @@
-"""EDEN vector-quantization grids for HIGGS: seeded generation (CLVQ) and loading of the packaged files.
+"""EDEN vector-quantization grids for HIGGS: the paper's grids, our seeded ones (CLVQ), and their loading.
 
 A grid ``EDEN{d}-{n}`` is a codebook of ``n`` points in ``R^d`` that approximates the MSE-optimal vector
-quantizer of the standard Gaussian ``N(0, I_d)`` (HIGGS, algorithms.md §4.4). The authors trained theirs with
-an *unseeded* stochastic Lloyd / competitive-learning VQ (CLVQ) run of 600 steps x 1e7 samples, so their files
-cannot be regenerated bit for bit. We ship our own grids, produced by :func:`generate_eden_grid` with a fixed
-seed and a much smaller budget (default 150 steps x 200k samples per step); ``scripts/make_grids.py``
-regenerates them. Their MSE per dimension is within 1% of the paper's grids (checked in
-``tests/quant/test_grids.py`` against the authors' files when ``../shared`` is present).
+quantizer of the standard Gaussian ``N(0, I_d)`` (HIGGS, algorithms.md §4.4). Two sets are packaged, chosen by
+``source`` (:data:`GRID_SOURCES`):
 
-Files: ``kvjax/quant/grids/EDEN{d}-{n}.npy``, float32, row-major ``[n, d]``.
+* ``"paper"`` (the default): the authors' own grids (``shadowkv_models/quantization/higgs_grids/*.pt`` of
+  yandex-research/context-intensive-kv-offloading, Apache-2.0, see ``NOTICE``), converted to ``.npy`` with their
+  values and point order unchanged, so codes computed against them are the authors' codes. The authors trained
+  them with an *unseeded* stochastic Lloyd / competitive-learning VQ (CLVQ) run of 600 steps x 1e7 samples, so
+  they cannot be regenerated bit for bit. Every grid of theirs with ``n <= 256`` (uint8 indices) is shipped:
+  EDEN2-16, 2-64, 2-256, 4-16, 4-256, 8-16, 8-128, 8-256, 16-256.
+* ``"kvjax"``: our own grids, produced by :func:`generate_eden_grid` with a fixed seed and a much smaller budget
+  (default 150 steps x 200k samples per step); ``scripts/make_grids.py`` regenerates them. Same quantization
+  quality as the paper's (MSE per dimension within 1%, ``tests/quant/test_grids.py``) but different points, so
+  the codes, and the selections built on them, differ from the authors'. EDEN2-16, 2-64, 2-256, 4-16, 4-256.
+
+Files: ``kvjax/quant/grids/{source}/EDEN{d}-{n}.npy``, float32, row-major ``[n, d]``.
 """
 from __future__ import annotations
 
@@ -21,7 +28,10 @@ import numpy as np
 
 __all__ = [
     "GRID_DIR_PACKAGE",
+    "GRID_SOURCES",
+    "DEFAULT_GRID_SOURCE",
     "available_grids",
+    "check_source",
     "generate_eden_grid",
     "grid_filename",
     "load_grid",
@@ -31,6 +41,9 @@ __all__ = [
 
 GRID_DIR_PACKAGE = "kvjax.quant"  # package that holds the ``grids/`` data folder
 _GRID_SUBDIR = "grids"
+#: grid sets: "paper" = the authors' EDEN grids, "kvjax" = our seeded CLVQ grids (folders of ``grids/``)
+GRID_SOURCES = ("paper", "kvjax")
+DEFAULT_GRID_SOURCE = "paper"
 _NAME_RE = re.compile(r"^EDEN(\d+)-(\d+)\.npy$")
 
 
@@ -39,14 +52,22 @@ def grid_filename(d: int, n: int) -> str:
     return f"EDEN{int(d)}-{int(n)}.npy"
 
 
-def _grid_dir():
-    return importlib.resources.files(GRID_DIR_PACKAGE).joinpath(_GRID_SUBDIR)
+def check_source(source: str, *, name: str = "source") -> str:
+    """Validate a grid set name (one of :data:`GRID_SOURCES`); returns it, raises ``ValueError`` naming ``name``."""
+    if source not in GRID_SOURCES:
+        raise ValueError(f"{name}={source!r} must be one of {GRID_SOURCES} (\"paper\": the authors' EDEN grids, "
+                         f"\"kvjax\": kvjax's seeded CLVQ grids)")
+    return source
 
 
-def available_grids() -> list[tuple[int, int]]:
-    """The ``(d, n)`` pairs of the grids packaged with kvjax, sorted."""
+def _grid_dir(source: str):
+    return importlib.resources.files(GRID_DIR_PACKAGE).joinpath(_GRID_SUBDIR, check_source(source))
+
+
+def available_grids(source: str = DEFAULT_GRID_SOURCE) -> list[tuple[int, int]]:
+    """The ``(d, n)`` pairs of the grids packaged in set ``source`` ("paper" or "kvjax"), sorted."""
     found = []
-    root = _grid_dir()
+    root = _grid_dir(source)
     if not root.is_dir():
         return []
     for entry in root.iterdir():
@@ -56,24 +77,28 @@ def available_grids() -> list[tuple[int, int]]:
     return sorted(found)
 
 
-def load_grid(d: int, n: int) -> np.ndarray:
-    """Load the packaged EDEN grid with ``n`` points in dimension ``d``.
+def load_grid(d: int, n: int, source: str = DEFAULT_GRID_SOURCE) -> np.ndarray:
+    """Load the packaged EDEN grid with ``n`` points in dimension ``d`` from set ``source``.
 
-    Returns a float32 numpy array of shape ``[n, d]``. Raises ``FileNotFoundError`` listing the available
-    ``(d, n)`` pairs when no such grid is packaged, and ``ValueError`` if the file has the wrong shape.
+    ``source``: ``"paper"`` (default; the authors' grids, so HIGGS codes equal the authors') or ``"kvjax"`` (our
+    seeded CLVQ grids), see the module docstring. Returns a float32 numpy array of shape ``[n, d]``. Raises
+    ``ValueError`` for an unknown ``source`` or a file of the wrong shape, and ``FileNotFoundError`` listing the
+    ``(d, n)`` pairs of that set when it has no such grid.
     """
     d, n = int(d), int(n)
-    ref = _grid_dir().joinpath(grid_filename(d, n))
+    ref = _grid_dir(source).joinpath(grid_filename(d, n))
     if not ref.is_file():
-        avail = ", ".join(f"EDEN{a}-{b} (d={a}, n={b})" for a, b in available_grids()) or "none"
+        avail = ", ".join(f"EDEN{a}-{b} (d={a}, n={b})" for a, b in available_grids(source)) or "none"
+        hint = f" Generate more with scripts/make_grids.py --grids {d}-{n}." if source == "kvjax" else ""
         raise FileNotFoundError(
-            f"no packaged EDEN grid for d={d}, n={n} (file {grid_filename(d, n)} in kvjax/quant/grids); "
-            f"available grids: {avail}. Generate more with scripts/make_grids.py --grids {d}-{n}."
+            f"no packaged EDEN grid for d={d}, n={n} in grid set {source!r} (file {grid_filename(d, n)} in "
+            f"kvjax/quant/grids/{source}); available grids: {avail}.{hint}"
         )
     with ref.open("rb") as fh:
         grid = np.load(fh, allow_pickle=False)
     if grid.shape != (n, d):
-        raise ValueError(f"grid file {grid_filename(d, n)} has shape {grid.shape}, expected [n, d] = [{n}, {d}]")
+        raise ValueError(f"grid file {source}/{grid_filename(d, n)} has shape {grid.shape}, expected [n, d] = "
+                         f"[{n}, {d}]")
     return np.ascontiguousarray(grid, dtype=np.float32)
 
 

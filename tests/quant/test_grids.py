@@ -1,4 +1,5 @@
-"""Packaged EDEN grids: presence, loading errors, quality against the spec's numbers and the paper's files."""
+"""Packaged EDEN grids, both sets ("paper": the authors', "kvjax": our seeded CLVQ ones): presence, loading errors,
+quality against the spec's numbers, and our grids' MSE against the paper's."""
 import functools
 
 import numpy as np
@@ -29,45 +30,47 @@ def gaussian_mse_per_dim(grid, samples=400_000, seed=2024):
 
 
 @functools.lru_cache(maxsize=None)
-def ours_mse(d, n):
-    return gaussian_mse_per_dim(load_grid(d, n))
+def grid_mse(d, n, source):
+    return gaussian_mse_per_dim(load_grid(d, n, source))
 
 
-def test_required_grids_are_packaged():
-    avail = set(available_grids())
+@pytest.mark.parametrize("source", ["paper", "kvjax"])
+def test_required_grids_are_packaged(source):
+    avail = set(available_grids(source))
     for d, n in REQUIRED:
         assert (d, n) in avail
-        g = load_grid(d, n)
+        g = load_grid(d, n, source)
         assert g.shape == (n, d) and g.dtype == np.float32 and np.isfinite(g).all()
         assert len(np.unique(g, axis=0)) == n  # no collapsed points
+
+
+def test_grid_sets_differ_and_paper_is_the_default():
+    for d, n in REQUIRED:
+        assert not np.array_equal(load_grid(d, n, "paper"), load_grid(d, n, "kvjax"))
+        np.testing.assert_array_equal(load_grid(d, n), load_grid(d, n, "paper"))
 
 
 def test_missing_grid_error_lists_available():
     with pytest.raises(FileNotFoundError) as exc:
         load_grid(3, 999)
     msg = str(exc.value)
-    assert "d=3, n=999" in msg and "EDEN4-256" in msg and "EDEN2-256" in msg
+    assert "d=3, n=999" in msg and "EDEN4-256" in msg and "EDEN2-256" in msg and "'paper'" in msg
+    with pytest.raises(ValueError, match="source="):
+        available_grids("authors")
+
+
+@pytest.mark.parametrize("source", ["paper", "kvjax"])
+@pytest.mark.parametrize("d,n", REQUIRED)
+def test_grid_mse_within_one_percent_of_spec_numbers(d, n, source):
+    mse = grid_mse(d, n, source)
+    assert abs(mse / PAPER_MSE[(d, n)] - 1) < 0.01, (d, n, source, mse, PAPER_MSE[(d, n)])
 
 
 @pytest.mark.parametrize("d,n", REQUIRED)
-def test_grid_mse_within_one_percent_of_spec_numbers(d, n):
-    ours = ours_mse(d, n)
-    assert abs(ours / PAPER_MSE[(d, n)] - 1) < 0.01, (d, n, ours, PAPER_MSE[(d, n)])
-
-
-@pytest.mark.parametrize("d,n", [(4, 256), (2, 256)])
-def test_grid_mse_within_one_percent_of_paper_files(shared_dir, d, n):
-    path = shared_dir / "data" / "higgs_grids" / f"EDEN{d}-{n}.npy"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    paper = np.load(path)
-    assert paper.shape == (n, d)
+def test_our_grids_mse_within_one_percent_of_the_paper_grids(d, n):
     # same samples for both grids, so sampling noise mostly cancels in the ratio
-    paper_mse = gaussian_mse_per_dim(paper)
-    ours = ours_mse(d, n)
-    assert abs(paper_mse / PAPER_MSE[(d, n)] - 1) < 0.01  # the oracle reproduces the spec's number
-    assert ours <= 1.01 * paper_mse, (ours, paper_mse)
-    assert ours >= 0.99 * paper_mse, (ours, paper_mse)
+    ours, paper = grid_mse(d, n, "kvjax"), grid_mse(d, n, "paper")
+    assert 0.99 * paper <= ours <= 1.01 * paper, (d, n, ours, paper)
 
 
 def test_generation_is_seeded_and_converges():
