@@ -2,8 +2,9 @@
 
 The method of arXiv 2604.08426 (algorithms.md §3). Per layer and per KV head, every prompt token outside the
 always-kept windows has a *landmark* — its own post-RoPE key (``chunk_size=1``), HIGGS-quantized with EDEN4-256
-(2 bits/value) — kept on the device. Each decode step scores all landmarks against the new query, takes the top-k,
-fetches those tokens' keys and values from the offloaded store in host memory and attends exactly over
+(2 bits/value; the authors' grid unless ``grids="kvjax"``) — kept on the device. Each decode step scores all
+landmarks against the new query, takes the top-k, fetches those tokens' keys and values from the offloaded store in
+host memory and attends exactly over
 
     sinks (prefix) ∪ selected ∪ local window (last prompt tokens) ∪ generated tokens.
 
@@ -23,24 +24,48 @@ offloaded values            HIGGS d=2 n=256, group C, qdq         fp8 e4m3
 no pruning when             T <= min_seqlen_to_prune = 0          T <= 512
 ==========================  ====================================  =========================================
 
-Where this differs from the authors' code, on purpose:
+What to expect against the authors' code. With the defaults (the paper's EDEN grids, ``grids="paper"``) kvjax's
+HIGGS codes are the authors' codes, and its selections are theirs up to the rounding differences listed below. A
+held-out comparison (issue 15: the authors' PyTorch eval-path YAKV vs kvjax, SmolLM2-135M, budget 1/32, 1.6k and
+2.4k-token prompts, 32 teacher-forced steps) measured: in float32, per step/layer/KV head selected sets with mean
+Jaccard 0.998 (identical in 94%), KL(authors || kvjax) = 1.8e-6 on the next-token distribution and identical
+48-token greedy text; in bfloat16, Jaccard 0.861, which is the precision floor (bf16 moves the authors' *own*
+selections to 0.872 against their float32 run; kvjax's bf16 forward pass is closer to float32 than theirs, KL to
+the float32 reference 4.7e-4 vs 1.3e-3; reordering kvjax's scoring into the authors' bf16 order gives 0.860), so
+kvjax keeps its float32 internals. Each difference, on purpose:
 
-* Generated tokens and the local window are always exact on the device (as in the eval path; the inference path
-  keeps them fp8 in the offloaded store).
+* Grids: ``grids="kvjax"`` uses our seeded CLVQ grids (:mod:`kvjax.quant.grids`) instead of the authors'. Their
+  quantization error is the same (MSE per dimension within 0.4%), but the points differ, so the codes and the
+  selections do: in the comparison above, Jaccard 0.32, KL(authors || kvjax) 7.8e-3 and greedy text diverging at
+  token 9, with similar quality (KL to full attention 0.0129 vs the authors' 0.0121).
+* HIGGS decode stays in float32 (landmarks and store); the eval path casts ``scale * grid[idx]`` to float16 before
+  the inverse Hadamard, and keeps the dequantized landmarks in the model dtype (a bf16 rounding in bf16 runs).
+  Dequantized values differ from the authors' by those roundings only; the codes themselves are identical (issue
+  15: on 2000 random rows; ``tests/quant/test_paper_grids.py``: against a numpy oracle of the spec).
 * Landmarks are stored packed (codes + scales) and dequantized every step, as the inference path does; the eval
-  path dequantizes once at prefill (same numbers, 7x the device memory). The HIGGS decode stays in float32 (the eval
-  path rounds through float16 before the inverse Hadamard), so landmark scores match the Pallas scorer.
+  path dequantizes once at prefill (same numbers, 7x the device memory), so landmark scores match the Pallas
+  scorer.
 * Pre-RoPE keys are recovered at build time by rotating the post-RoPE prefill keys back (RoPE at ``-p``): the
   engine keeps only post-RoPE keys. In float32 this is exact to rounding; in bf16 it adds one bf16 rounding of the
   rotated key before the 4-bit quantization.
 * RoPE of the fetched keys uses float32 tables (as the model itself does), not the eval path's bf16 tables.
+* Generated tokens and the local window are always exact on the device (as in the eval path; the inference path
+  keeps them fp8 in the offloaded store).
 * Prompts that cannot be pruned (``T <= min_seqlen_to_prune``, or sinks + local + sparse covering the whole prompt)
   keep every prompt token exact on the device (``exact_fallback``) instead of reading all of them from the
   (quantized) store, so they decode exactly like full attention.
 * Budget rounding: the sparse budget uses :func:`kvjax.policies.base.resolve_budget` (Python ``int(frac*T)``, the eval
   path); sink/local fractions use the inference path's float32 ``ceil``.
 * A Hadamard group must be a power of two. ``store_hadamard_group="token"`` means ``C = Hkv·D`` when that is a power
-  of two (every paper model), else the largest power of two dividing ``C`` (SmolLM2-135M: C = 192 -> 64).
+  of two (every paper model: identical to the authors), else the largest power of two dividing ``C`` (SmolLM2-135M:
+  C = 192 -> three groups of 64). The authors' quantizer, given a group of 192, lets ``fast_hadamard_transform``
+  zero-pad each row to 256 and crop the transform back to 192 values, in both directions; that is not invertible:
+  relative round-trip error ``||x - x_hat|| / ||x||`` 0.48 (0.47 from the transform alone, without quantization)
+  against 0.087 for the three groups of 64 (EDEN2-256, Gaussian rows and SmolLM2 keys/values alike). kvjax keeps
+  the invertible fallback, so on such a model the store is far more accurate than the authors' code would be.
+* The landmark group ``"head"`` is one head (``D``); the authors' class default is 128 values, the same for the
+  paper models (``D = 128``). For ``D = 64`` their 128 spans two heads (zero-padded when ``C`` is not a multiple of
+  128); set ``landmark_hadamard_group=128`` for the two-head grouping where ``C`` allows it.
 
 Shapes are static per prompt bucket ``Tb`` (the engine pads prompts to a power of two): the exact window holds
 ``W`` tokens and top-k selects ``Kc`` chunks, both the maxima of the per-prompt plan over every length ``T <= Tb``,
@@ -62,6 +87,7 @@ from .. import offload
 from ..attention import attend_rows
 from ..cache import write_token
 from ..quant import fp8_decode_bits, fp8_encode_bits, higgs_decode, higgs_encode, higgs_qdq, load_grid
+from ..quant.grids import available_grids, check_source
 from ..quant.higgs import HiggsCodes, HiggsConfig, code_bits
 from .base import top_k, Policy, PolicyConfig, bucket_size, resolve_budget
 
@@ -108,6 +134,9 @@ class YakvConfig(PolicyConfig):
       score_backend: ``"auto"``: HIGGS landmarks grouped per head (the eval default) are scored by
         ``pallas_kernels.dispatch.score_landmarks`` (the Pallas kernel on TPU, its jnp reference elsewhere), other
         layouts by :func:`score_landmarks`; ``"jnp"``: always :func:`score_landmarks` on dequantized landmarks.
+      grids: EDEN grid set of every HIGGS quantizer (landmarks and store), :func:`kvjax.quant.load_grid`'s
+        ``source``: ``"paper"`` (the authors' grids: their codes, hence their selections) or ``"kvjax"`` (our
+        seeded CLVQ grids: same quantization error, different codes).
     """
 
     chunk_size: int = 1
@@ -131,6 +160,7 @@ class YakvConfig(PolicyConfig):
     keys_pre_rope: bool = True
     fetch_backend: str = "host_gather"
     score_backend: str = "auto"
+    grids: str = "paper"
 
     def __post_init__(self):
         def need(cond, msg):
@@ -161,6 +191,7 @@ class YakvConfig(PolicyConfig):
         need(self.score_backend in ("auto", "jnp"), f"score_backend={self.score_backend!r} must be 'auto' or 'jnp'")
         need(self.fetch_backend in offload.BACKENDS,
              f"fetch_backend={self.fetch_backend!r} must be one of {offload.BACKENDS}")
+        check_source(self.grids, name="grids")
         for name in ("landmark_hadamard_group", "store_hadamard_group"):
             g = getattr(self, name)
             if g is None and name == "store_hadamard_group":
@@ -174,6 +205,14 @@ class YakvConfig(PolicyConfig):
             need(self.landmark_n <= 256, f"landmark_n={self.landmark_n} grid points must be <= 256 (uint8 codes)")
         if self.store_format.startswith("higgs"):
             need(self.store_n <= 256, f"store_n={self.store_n} grid points must be <= 256 (uint8 codes)")
+
+
+def _check_grid_packaged(grids: str, d: int, n: int, prefix: str) -> None:
+    """ValueError naming ``{prefix}_d`` / ``{prefix}_n`` when grid set ``grids`` has no EDEN{d}-{n}."""
+    avail = available_grids(grids)
+    if (d, n) not in avail:
+        raise ValueError(f"{prefix}_d={d}, {prefix}_n={n}: grid set grids={grids!r} has no EDEN{d}-{n} grid; it has "
+                         + ", ".join(f"EDEN{a}-{b}" for a, b in avail))
 
 
 def _pow2_divisor(n: int) -> int:
@@ -402,10 +441,12 @@ class YakvPolicy(Policy):
             if lg % cfg.landmark_d:
                 raise ValueError(f"landmark_d={cfg.landmark_d} must divide the landmark Hadamard group ({lg} values)")
             HiggsConfig(cfg.landmark_d, cfg.landmark_n, lg, cfg.landmark_scale_dtype)
+            _check_grid_packaged(cfg.grids, cfg.landmark_d, cfg.landmark_n, "landmark")
         if cfg.store_format.startswith("higgs"):
             if sg % cfg.store_d:
                 raise ValueError(f"store_d={cfg.store_d} must divide the store Hadamard group ({sg} values)")
             HiggsConfig(cfg.store_d, cfg.store_n, sg, cfg.store_scale_dtype)
+            _check_grid_packaged(cfg.grids, cfg.store_d, cfg.store_n, "store")
         for i, T in enumerate(lengths.tolist()):
             if T <= cfg.min_seqlen_to_prune:
                 continue  # never pruned: decoded exactly, budgets do not apply
@@ -462,7 +503,7 @@ class YakvPolicy(Policy):
             lm = lk
         else:
             hc = self._lm_cfg(mcfg)
-            grid = load_grid(cfg.landmark_d, cfg.landmark_n)  # numpy: lets higgs_encode use its cell search
+            grid = load_grid(cfg.landmark_d, cfg.landmark_n, cfg.grids)  # numpy: higgs_encode's cell search
             if hc.hadamard_group <= D:
                 codes = higgs_encode(lk, grid, hc)
             else:  # group spans heads: quantize token rows [B, NL, C]
@@ -488,7 +529,7 @@ class YakvPolicy(Policy):
         if fmt == "fp8":
             return fp8_encode_bits(ks), fp8_encode_bits(v), None, None  # uint8 bit patterns, see fp8.py
         hc = self._store_cfg(mcfg)
-        grid = load_grid(cfg.store_d, cfg.store_n)  # numpy (concrete), see above
+        grid = load_grid(cfg.store_d, cfg.store_n, cfg.grids)  # numpy (concrete), see above
         if fmt == "higgs_packed":
             kc, vc = higgs_encode(ks, grid, hc), higgs_encode(v, grid, hc)
             return kc.codes, vc.codes, kc.scales, vc.scales
@@ -506,7 +547,7 @@ class YakvPolicy(Policy):
         if st.lm is not None:
             return st.lm[layer]
         hc = self._lm_cfg(mcfg)
-        grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n))
+        grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n, cfg.grids))
         codes, scales = st.lm_codes[layer], st.lm_scales[layer]
         x = higgs_decode(HiggsCodes(codes, scales), grid, hc, jnp.float32)
         if x.ndim == 3:  # token layout [B, NL, C] -> [B, Hkv, NL, D]
@@ -539,7 +580,7 @@ class YakvPolicy(Policy):
         n_lm, n_sel, prefix = st.n_lm[layer], st.n_sel[layer], st.prefix[layer]
         kernel = self._score_kernel(mcfg)
         if kernel is not None:
-            grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n))
+            grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n, cfg.grids))
             mode = "eval" if cfg.scoring == "softmax_max" else "serve"
             scores = kernel(q, st.lm_codes[layer], st.lm_scales[layer][..., 0].astype(jnp.float32), grid, n_lm,
                             mode=mode).astype(jnp.dtype(cfg.score_dtype))
@@ -562,7 +603,7 @@ class YakvPolicy(Policy):
             kr, vr = fp8_decode_bits(kr, dt), fp8_decode_bits(vr, dt)
         elif cfg.store_format == "higgs_packed":
             hc = self._store_cfg(mcfg)
-            grid = jnp.asarray(load_grid(cfg.store_d, cfg.store_n))
+            grid = jnp.asarray(load_grid(cfg.store_d, cfg.store_n, cfg.grids))
             kr = higgs_decode(HiggsCodes(kr, fetch(st.k_scales)), grid, hc, dt)
             vr = higgs_decode(HiggsCodes(vr, fetch(st.v_scales)), grid, hc, dt)
         kr, vr = kr.astype(dt), vr.astype(dt)
@@ -574,6 +615,14 @@ class YakvPolicy(Policy):
 
     def fetch_bucket_tokens(self, Tb: int) -> int:
         return int(_plan_table(self.config, Tb)["Kc"]) * self.config.chunk_size
+
+    def memory_report(self, state, lengths) -> dict:
+        """The base report plus ``"grids"``: the EDEN grid set of the HIGGS landmarks / store (``config.grids``), or
+        None when neither is HIGGS-quantized."""
+        rep = super().memory_report(state, lengths)
+        cfg = self.config
+        rep["grids"] = cfg.grids if cfg.landmark_quant == "higgs" or cfg.store_format.startswith("higgs") else None
+        return rep
 
     def decode(self, mcfg, st: YakvState, layer, q, k_pre, k, v, pos, h=None):
         """One decode step of one layer (see the module docstring). q ``[B, H, D]``, k/v ``[B, Hkv, D]``."""

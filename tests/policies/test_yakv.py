@@ -1,5 +1,6 @@
 """YAKV policy: budget plan (spec numbers), selection and decode against numpy oracles, parity with full
 attention, exact short prompts, clear errors. Tiny random models on CPU; SmolLM2-135M in the slow tests."""
+import dataclasses
 import math
 
 import jax
@@ -10,6 +11,7 @@ from flax import nnx
 
 import kvjax
 import models
+from kvjax.budgets import memory_report_for
 from kvjax.cache import KVCache
 from kvjax.policies import make_policy
 from kvjax.policies.yakv import YakvConfig, YakvPolicy, score_landmarks
@@ -47,6 +49,7 @@ def test_defaults_are_the_eval_config():
     assert (c.landmark_quant, c.landmark_d, c.landmark_n, c.landmark_hadamard_group) == ("higgs", 4, 256, "head")
     assert (c.store_format, c.store_d, c.store_n, c.keys_pre_rope) == ("higgs_qdq", 2, 256, True)
     assert c.scoring == "softmax_max" and c.min_seqlen_to_prune == 0
+    assert c.grids == "paper"  # the authors' EDEN grids
     assert isinstance(make_policy("yakv"), YakvPolicy)
 
 
@@ -116,6 +119,7 @@ def test_too_short_to_prune_falls_back():
     (dict(scoring="sum"), "scoring"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(fetch_backend="pallas"), "fetch_backend"),
+    (dict(grids="eden"), r"grids='eden' must be one of \('paper', 'kvjax'\)"),
 ])
 def test_bad_config_raises(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -135,6 +139,10 @@ def test_bad_inputs_for_model_and_prompt_raise():
             TINY, np.array([300]), 8)
     with pytest.raises(ValueError, match="max_new"):
         make_policy("yakv").validate(TINY, np.array([300]), 0)
+    # our grid set has no EDEN8-256 (the paper's has)
+    with pytest.raises(ValueError, match="landmark_d=8, landmark_n=256: grid set grids='kvjax' has no EDEN8-256"):
+        make_policy("yakv", landmark_d=8, grids="kvjax").validate(TINY, np.array([300]), 8)
+    make_policy("yakv", landmark_d=8).validate(TINY, np.array([300]), 8)
     # prompts below min_seqlen_to_prune are never pruned, so budgets do not apply to them
     make_policy("yakv", min_seqlen_to_prune=64).validate(TINY, np.array([40]), 8)
 
@@ -274,16 +282,17 @@ def test_decode_matches_oracle(tiny_lm, chunk, backend, fmt):
             np.testing.assert_allclose(np.asarray(out[b]), _oracle_attend(q[b], keys, vals), rtol=2e-4, atol=2e-4)
 
 
-def test_quantized_landmark_selection_is_topk_of_dequantized_scores(tiny_lm):
-    """HIGGS landmarks (EDEN4-256, one group per head): the selection is the top-k of the scores of the dequantized
-    landmarks (oracle: quant module + numpy), for the jnp scorer (float32 scores: exact set) and the kernel
-    dispatch (bf16 scores: a valid top-k up to one bf16 rounding)."""
+@pytest.mark.parametrize("grids", ["paper", "kvjax"])
+def test_quantized_landmark_selection_is_topk_of_dequantized_scores(tiny_lm, grids):
+    """HIGGS landmarks (EDEN4-256 of the chosen grid set, one group per head): the selection is the top-k of the
+    scores of the dequantized landmarks (oracle: quant module + numpy), for the jnp scorer (float32 scores: exact
+    set) and the kernel dispatch (bf16 scores: a valid top-k up to one bf16 rounding)."""
     lengths = [200, 131]
     local, sparse = 16, 0.125
-    grid = load_grid(4, 256)
+    grid = load_grid(4, 256, grids)
     for backend, sdt in (("jnp", "float32"), ("auto", "bfloat16")):
         pol = make_policy("yakv", store_format="none", local_budget=local, sparse_budget=sparse,
-                          score_backend=backend, score_dtype=sdt)
+                          score_backend=backend, score_dtype=sdt, grids=grids)
         eng, st, k, v = _random_state(pol, lengths, seed=3, lm=tiny_lm)
         q = np.random.RandomState(5).randn(B_, H_, D_).astype(np.float32)
         sel = np.asarray(jax.jit(lambda s, q: pol.selected_tokens(TINY, s, jnp.int32(0), q))(st, q))
@@ -299,6 +308,37 @@ def test_quantized_landmark_selection_is_topk_of_dequantized_scores(tiny_lm):
                 else:  # every selected score >= every unselected one, up to a bf16 rounding (2^-8 relative)
                     rest = np.setdiff1d(np.arange(n_lm), got)
                     assert p[got].min() >= p[rest].max() * (1 - 2 ** -7)
+
+
+@pytest.mark.parametrize("grids", ["paper", "kvjax"])
+def test_grid_set_reaches_landmarks_and_store(tiny_lm, grids):
+    """``grids`` selects the EDEN grids of both HIGGS quantizers: the built landmark codes and the store equal the
+    quant module's encoding with that set's EDEN4-256 / EDEN2-256, and differ from the other set's."""
+    other = {"paper": "kvjax", "kvjax": "paper"}[grids]
+    pol = make_policy("yakv", local_budget=16, sparse_budget=0.125, fetch_backend="device", grids=grids)
+    _, st, k, v = _random_state(pol, [200, 131], seed=4, lm=tiny_lm)
+    b, layer, n_lm = 1, 0, 131 - 16
+    from kvjax.quant import higgs_encode
+    rows = v[layer, b].transpose(1, 0, 2).reshape(TB, HKV * D_)  # the store's token rows, one group of C
+    for src, same in ((grids, True), (other, False)):
+        codes = np.asarray(higgs_encode(k[layer, b, :, :n_lm], load_grid(4, 256, src), HiggsConfig(4, 256, D_)).codes)
+        assert np.array_equal(np.asarray(st.lm_codes[layer, b, :, :n_lm]), codes) == same, src
+        vs = np.asarray(higgs_qdq(rows, load_grid(2, 256, src), HiggsConfig(2, 256, HKV * D_)))
+        vs = vs.reshape(TB, HKV, D_).transpose(1, 0, 2)
+        assert np.allclose(np.asarray(st.v_store[layer, b]), vs, rtol=1e-6, atol=1e-6) == same, src
+
+
+def test_memory_report_records_the_grid_set_and_nothing_else_changes():
+    reps = {g: memory_report_for(make_policy("yakv", grids=g), TINY, 1000, max_new=16) for g in ("paper", "kvjax")}
+    assert (reps["paper"]["grids"], reps["kvjax"]["grids"]) == ("paper", "kvjax")
+    for key in ("components", "by_kind", "per_prompt_token", "per_prompt_token_variable"):
+        assert reps["paper"][key] == reps["kvjax"][key], key
+    assert reps["paper"]["by_kind"]["device"] > 0
+    # no HIGGS quantizer in use: no grid set to record
+    plain = make_policy("yakv", landmark_quant="none", store_format="fp8")
+    assert memory_report_for(plain, TINY, 1000, max_new=16)["grids"] is None
+    # the eval records dump the config with dataclasses.asdict: the grid set is in it
+    assert dataclasses.asdict(make_policy("yakv", grids="kvjax").config)["grids"] == "kvjax"
 
 
 def test_score_landmarks_matches_kernel_reference():
@@ -338,14 +378,16 @@ def _teacher_forced_logits(eng, prompts, tokens):
     return np.stack(out)
 
 
-def test_covering_budget_reproduces_full(full_eng):
+@pytest.mark.parametrize("landmark_quant,grids", [("none", "paper"), ("higgs", "paper"), ("higgs", "kvjax")])
+def test_covering_budget_reproduces_full(full_eng, landmark_quant, grids):
     """Budget = the whole prompt through the offloaded store (no exact fallback), unquantized store, pre-RoPE keys
-    re-roped after the fetch: logits equal full attention's and greedy tokens are identical."""
+    re-roped after the fetch: logits equal full attention's and greedy tokens are identical, whichever landmarks
+    (exact, or HIGGS with either grid set) did the selecting."""
     prompts = _prompts([300, 190])
     full = full_eng
     ref = full.generate(prompts, GREEDY8)
     pol = make_policy("yakv", sparse_budget=1.0, local_budget=0, exact_fallback=False, store_format="none",
-                      landmark_quant="none")
+                      landmark_quant=landmark_quant, grids=grids)
     eng = full.with_policy(pol)
     assert [g.ids for g in eng.generate(prompts, GREEDY8)] == [g.ids for g in ref]
     tokens = [np.array([ref[0].ids[i], ref[1].ids[i]]) for i in range(4)]
