@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kvjax.quant import HiggsConfig, available_grids, higgs_decode, higgs_encode, load_grid
+from test_higgs import sylvester  # dense numpy Sylvester Hadamard (the oracles' own)
 
 PAPER_DIR = pathlib.Path(__file__).resolve().parents[2] / "kvjax" / "quant" / "grids" / "paper"
 
@@ -60,13 +61,6 @@ def test_unknown_grid_set_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------------ the authors' quantizer
-def sylvester(g):
-    h = np.ones((1, 1))
-    while h.shape[0] < g:
-        h = np.block([[h, h], [h, -h]])
-    return h
-
-
 def spec_quantize(x, grid, G, d):
     """algorithms.md §4.2, steps 1-3, in float64: per row and group of G values, s = ||x_g||, y = H_G x_g / s, each
     d-sub-vector -> argmax_j (2 <y_sub, g_j> - ||g_j||^2). Returns (indices [N, C/d], s [N, C/G], the gap between the
