@@ -24,9 +24,10 @@ The method's own free-running greedy output (for the task score) shares the teac
 divergence; there the state is forked (one non-donating step) and the free run continues on its own tokens, so
 a method costs ``n - 1`` teacher-forced steps plus the free-run steps after its divergence.
 
-Decode is instrumented without touching the engine: :func:`instrumented_step` runs
-:func:`models.transformer.run_layers_carry` with an attend callback that calls ``policy.decode`` and, when asked,
-``policy.attended_mask`` on the same query, accumulating the recall ``[B, L, Hkv]`` in the scan carry.
+Everything runs on the engine's one decode step (:func:`kvjax.decode.decode_step`) through
+:class:`kvjax.engine.Session`: the logits the step returns are the logits probe, and the attention recall is the
+step's recall probe (``Session.step(recall=True)``), so the numbers are measured on the code users run. Every
+method of a prompt is built from one exact prefill (:meth:`kvjax.Engine.start` with several policies).
 """
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.engine import Engine
-from kvjax.policies.base import Policy, bucket_size
-from models.transformer import embed_tokens, logits_from_hidden, run_layers_carry
+from kvjax.decode import attention_recall
+from kvjax.engine import Engine, Session
+from kvjax.policies import Policy, make_policy
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
@@ -60,25 +61,6 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         terms = np.where(p > 0, p * (lp - lq), 0.0)
     return terms.sum(axis=-1)
-
-
-def attention_recall(q: jax.Array, k_exact: jax.Array, lengths: jax.Array, attended: jax.Array) -> jax.Array:
-    """Share of exact attention mass over the prompt that falls on attended prompt tokens.
-
-    q ``[B, H, D]`` post-RoPE query of one decode step; k_exact ``[B, Hkv, Tb, D]`` the exact post-RoPE prompt
-    keys (rows ``>= lengths[b]`` are padding); attended bool ``[B, Hkv, S]`` with ``S >= Tb`` (only the first
-    ``Tb`` columns, the prompt slots, are read). Softmax of ``q·k/sqrt(D)`` in float32 over ``t < lengths[b]``,
-    per query head; returns float32 ``[B, Hkv]``: the mean over each KV head's group of query heads.
-    """
-    B, H, D = q.shape
-    Hkv, Tb = k_exact.shape[1], k_exact.shape[2]
-    qg = q.reshape(B, Hkv, H // Hkv, D)
-    s = jnp.einsum("bhgd,bhtd->bhgt", qg, k_exact, preferred_element_type=jnp.float32) * (1.0 / float(np.sqrt(D)))
-    valid = jnp.arange(Tb)[None, :] < lengths[:, None]  # [B, Tb]
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    m = (attended[:, :, :Tb] & valid[:, None, :]).astype(jnp.float32)
-    return jnp.mean(jnp.sum(p * m[:, :, None, :], axis=-1), axis=-1)
 
 
 def fidelity_metrics(ref_tokens: Sequence[int], ref_logits: np.ndarray, method_logits: np.ndarray,
@@ -116,84 +98,42 @@ def recall_summary(recall: np.ndarray | None) -> dict[str, Any]:
             "recall_layer_head": [[float(x) for x in row] for row in lh], "recall_steps": int(rows.sum())}
 
 
-# ----------------------------------------------------------------------------------------------------- decode
-def instrumented_step(params, state, k_exact, lengths, tok, pos, do_recall, *, cfg, policy):
-    """One decode step of ``policy`` (all layers) that also measures attention recall.
-
-    state: the policy's layer-stacked state; k_exact ``[L, B, Hkv, Tb, D]`` exact post-RoPE prompt keys;
-    lengths int32 ``[B]`` prompt lengths; tok int32 ``[B]`` fed at positions ``pos [B]``; do_recall a bool
-    scalar (when False the recall branch is skipped at run time and NaN is returned).
-    Returns (float32 logits ``[B, V]``, new state, float32 recall ``[B, L, Hkv]``).
-    """
-    B = tok.shape[0]
-    L, Hkv = cfg.num_layers, cfg.num_kv_heads
-    rec0 = jnp.full((L, B, Hkv), jnp.nan, jnp.float32)
-    measurable = type(policy).attended_mask is not Policy.attended_mask
-
-    def attend(carry, layer, q, k_pre, k, v, hn):
-        st, rec = carry
-        q1 = q[:, 0]
-
-        def measure(_):
-            mask = policy.attended_mask(cfg, st, layer, q1, pos)
-            return attention_recall(q1, k_exact[layer], lengths, mask)
-
-        if measurable:
-            r = jax.lax.cond(do_recall, measure, lambda _: jnp.full((B, Hkv), jnp.nan, jnp.float32), None)
-            rec = jax.lax.dynamic_update_index_in_dim(rec, r, layer, 0)
-        out, st = policy.decode(cfg, st, layer, q1, k_pre[:, 0], k[:, 0], v[:, 0], pos, hn[:, 0])
-        return out[:, None], (st, rec)
-
-    x, (state, rec) = run_layers_carry(params, cfg, embed_tokens(params, tok[:, None]), pos[:, None], (state, rec0),
-                                       attend)
-    return logits_from_hidden(params, cfg, x[:, 0]), state, jnp.transpose(rec, (1, 0, 2))
-
-
-class Decoder:
-    """Jitted instrumented decode steps of one :class:`Engine` (model + policy), cached per state layout:
-    a donating step (the normal path, state updated in place) and a non-donating one (to fork a state)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._jit: dict = {}
-
-    def step(self, state, k_exact, lengths, tok, pos, do_recall: bool, donate: bool = True):
-        eng = self.engine
-        key = (donate, str(jax.tree.map(lambda x: (x.shape, x.dtype), state)), k_exact.shape)
-        if key not in self._jit:
-            shard = jax.tree.map(lambda x: x.sharding, state)
-            fn = functools.partial(instrumented_step, cfg=eng.cfg, policy=eng.policy)
-            self._jit[key] = jax.jit(fn, donate_argnums=(1,) if donate else (),
-                                     out_shardings=(eng._batch_sharding(2), shard, eng._batch_sharding(3)))
-        return self._jit[key](eng.params, state, k_exact, lengths, eng._put(np.asarray(tok, np.int32)),
-                              eng._put(np.asarray(pos, np.int32)), jnp.bool_(do_recall))
-
-
+# ----------------------------------------------------------------------------------------------------- runs
 @dataclasses.dataclass
 class Prefilled:
-    """A prompt after the exact prefill, shared by every method: ids, padded tokens ``[1, Tb]``, lengths ``[1]``,
-    float32 last-token logits ``[V]`` (numpy), the dense KVCache, and the prefill seconds."""
+    """A prompt after its one exact prefill: ids, lengths ``[1]``, float32 last-token logits ``[V]`` (numpy), one
+    :class:`~kvjax.engine.Session` per policy (each used once), and the prefill seconds (every policy's state
+    build included)."""
 
     ids: list[int]
-    toks: np.ndarray
     lengths: np.ndarray
     first_logits: np.ndarray
-    kv: Any
+    sessions: dict
     prefill_s: float
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.lengths[0])
 
+    def session(self, policy) -> Session:
+        """The session of ``policy`` (a name or Policy); each may be taken once (decoding consumes its state)."""
+        pol = make_policy(policy)
+        if pol not in self.sessions:
+            raise KeyError(f"policy {pol!r} was not built by this prefill ({list(self.sessions)})")
+        return self.sessions.pop(pol)
 
-def prefill(engine: Engine, ids: Sequence[int], max_new: int) -> Prefilled:
-    """Exact chunked prefill of one prompt (token ids) with room for ``max_new`` generated tokens."""
+
+def prefill(engine: Engine, ids: Sequence[int], max_new: int, policies: Sequence = ("full",),
+            recall: bool = True) -> Prefilled:
+    """One exact prefill of a prompt (token ids) building every policy's state, with room for ``max_new`` tokens.
+    ``recall`` keeps the exact prompt keys for the attention-recall probe."""
+    pols = list(dict.fromkeys(make_policy(p) for p in policies))
     t0 = time.perf_counter()
-    toks, lengths, _ = engine.prepare([list(ids)], max_new)
-    logits, kv = engine.prefill(toks, lengths)
-    first = np.asarray(logits)[0].astype(np.float32)
-    jax.block_until_ready(kv.k)
-    return Prefilled(list(ids), toks, lengths, first, kv, time.perf_counter() - t0)
+    want_keys = recall and any(p.has_attended_mask and p.name != "full" for p in pols)
+    sessions = engine.start([list(ids)], max_new, policies=pols, exact_keys=want_keys)
+    first = np.asarray(sessions[0].first_logits)[0].astype(np.float32)
+    jax.block_until_ready([s.state for s in sessions])
+    return Prefilled(list(ids), sessions[0].lengths, first, dict(zip(pols, sessions)), time.perf_counter() - t0)
 
 
 @dataclasses.dataclass
@@ -204,9 +144,10 @@ class MethodRun:
     ref_tokens: the tokens fed when teacher-forcing (the reference), or for a reference run its own sampled
       tokens including the stop token; logits ``[steps, V]`` of the teacher-forced (or, without a reference, the
       free-run) decode steps, kept only when asked; fidelity: :func:`fidelity_metrics` (None without a
-      reference); memory: ``policy.memory_report`` of the built state; seconds: build_s (policy build),
-      decode_s (free-run decode steps, including the shared teacher-forced ones), fidelity_s (extra
-      teacher-forced steps after the fork).
+      reference); memory: ``policy.memory_report`` of the built state; seconds: build_s (0: the state is built
+      inside the shared prefill), decode_s (free-run decode steps, including the shared teacher-forced ones),
+      fidelity_s (extra teacher-forced steps after the fork); exact: the policy could not prune the prompt and full
+      attention ran.
     """
 
     ids: list[int]
@@ -219,16 +160,17 @@ class MethodRun:
     decode_s: float
     fidelity_s: float
     n_decode_steps: int = 0
+    exact: bool = False
 
 
-def run_method(engine: Engine, pre: Prefilled, max_new: int, stop_ids: Sequence[int],
+def run_method(sess: Session, pre: Prefilled, max_new: int, stop_ids: Sequence[int],
                reference: tuple[Sequence[int], np.ndarray] | None = None, recall_every: int = 1,
-               keep_logits: bool = False, decoder: Decoder | None = None) -> MethodRun:
-    """Greedy decode of ``engine.policy`` on a prefilled prompt, teacher-forced on ``reference`` when given.
+               keep_logits: bool = False) -> MethodRun:
+    """Greedy decode of a session's policy on its prefilled prompt, teacher-forced on ``reference`` when given.
 
     Args:
-      engine: the model with the method's policy (``Engine.with_policy``).
-      pre: the shared exact prefill (:func:`prefill`).
+      sess: the method's session from :func:`prefill` (consumed).
+      pre: the shared prefill.
       max_new: most tokens generated (the engine's convention: the prefill token counts; a stop token ends
         the output and is not part of it).
       stop_ids: token ids that end generation.
@@ -240,22 +182,12 @@ def run_method(engine: Engine, pre: Prefilled, max_new: int, stop_ids: Sequence[
     """
     if max_new < 1:
         raise ValueError(f"max_new={max_new}, allowed: int >= 1 tokens")
-    dec = decoder or Decoder(engine)
     stop = set(int(s) for s in stop_ids)
-    gen_bucket = bucket_size(max_new, 64)
-    T = pre.prompt_tokens
-    lengths_dev = engine._put(pre.lengths)
-    k_exact = pre.kv.k
-
-    t0 = time.perf_counter()
-    state = engine.build(pre.kv, pre.lengths, gen_bucket)
-    jax.block_until_ready(state)
-    memory = engine.policy.memory_report(state, pre.lengths)
-    build_s = time.perf_counter() - t0
-
+    memory = sess.memory_report()
     first = int(np.argmax(pre.first_logits))
     ref_tokens = list(reference[0]) if reference is not None else None
     free = [first]  # sampled tokens of the free run (a trailing stop token included)
+    probe = recall_every > 0 and sess.exact_keys is not None and sess.policy.has_attended_mask
 
     def free_active() -> bool:
         return free[-1] not in stop and len(free) < max_new
@@ -266,9 +198,7 @@ def run_method(engine: Engine, pre: Prefilled, max_new: int, stop_ids: Sequence[
     if ref_tokens is None:
         t1 = time.perf_counter()
         while free_active():
-            i = len(free) - 1
-            lg, state, _ = dec.step(state, k_exact, lengths_dev, [free[-1]], [T + i], False)
-            lg = np.asarray(lg)[0]
+            lg = np.asarray(sess.step([free[-1]]).logits)[0]
             if keep_logits:
                 logits_list.append(lg)
             free.append(int(np.argmax(lg)))
@@ -280,20 +210,18 @@ def run_method(engine: Engine, pre: Prefilled, max_new: int, stop_ids: Sequence[
             raise ValueError(f"reference starts with token {ref_tokens[0]} but the prefill logits give {first}: the "
                              f"reference was made from another prompt or model")
         n = len(ref_tokens)
+        L, Hkv = sess.engine.cfg.num_layers, sess.engine.cfg.num_kv_heads
         shared = True  # the free run still equals the reference
         need_fork, fork = False, None
         t1 = time.perf_counter()
         for i in range(n - 1):
             do_rec = recall_every > 0 and i % recall_every == 0
-            if need_fork:  # the free run diverged: keep this state for it, teacher-force a new one
-                lg, new_state, rec = dec.step(state, k_exact, lengths_dev, [ref_tokens[i]], [T + i], do_rec,
-                                              donate=False)
-                fork, state, need_fork = state, new_state, False
-            else:
-                lg, state, rec = dec.step(state, k_exact, lengths_dev, [ref_tokens[i]], [T + i], do_rec)
-            lg = np.asarray(lg)[0]
+            if need_fork:  # the free run diverged: keep this point for it, teacher-force on
+                fork, need_fork = sess.fork(), False
+            out = sess.step([ref_tokens[i]], recall=probe, measure=do_rec)
+            lg = np.asarray(out.logits)[0]
             logits_list.append(lg)
-            recall_list.append(np.asarray(rec)[0])
+            recall_list.append(np.asarray(out.recall)[0] if probe else np.full((L, Hkv), np.nan))
             steps += 1
             if shared and free_active():
                 a = int(np.argmax(lg))
@@ -307,15 +235,13 @@ def run_method(engine: Engine, pre: Prefilled, max_new: int, stop_ids: Sequence[
             decode_s = time.perf_counter() - t1
         else:
             fid_s = time.perf_counter() - t1
-        # finish the free run on its own tokens, from the forked state (or the final state if the reference
-        # ended right at the divergence)
+        # finish the free run on its own tokens, from the fork (or the final state if the reference ended right at
+        # the divergence)
         if free_active():
-            st = fork if fork is not None else state
+            st = fork if fork is not None else sess
             t2 = time.perf_counter()
             while free_active():
-                i = len(free) - 1
-                lg, st, _ = dec.step(st, k_exact, lengths_dev, [free[-1]], [T + i], False)
-                free.append(int(np.argmax(np.asarray(lg)[0])))
+                free.append(int(np.argmax(np.asarray(st.step([free[-1]]).logits)[0])))
                 steps += 1
             decode_s += time.perf_counter() - t2
         V = len(pre.first_logits)
@@ -328,34 +254,27 @@ def run_method(engine: Engine, pre: Prefilled, max_new: int, stop_ids: Sequence[
     ids = free[:-1] if reason == "stop_id" else free
     V = len(pre.first_logits)
     logits = (np.stack(logits_list) if logits_list else np.zeros((0, V), np.float32)) if keep_logits else None
-    return MethodRun(ids, reason, list(free), logits, fidelity, memory, build_s, decode_s, fid_s, steps)
+    return MethodRun(ids, reason, list(free), logits, fidelity, memory, 0.0, decode_s, fid_s, steps, sess.exact)
 
 
-def teacher_force(engine: Engine, pre: Prefilled, tokens: Sequence[int], max_new: int) -> np.ndarray:
-    """Decode logits ``[len(tokens)-1, V]`` of ``engine.policy`` fed ``tokens`` (used to rebuild full's reference
-    logits from its cached tokens when a run resumes)."""
-    dec = Decoder(engine)
-    state = engine.build(pre.kv, pre.lengths, bucket_size(max_new, 64))
-    lengths_dev = engine._put(pre.lengths)
-    out = []
-    for i in range(len(tokens) - 1):
-        lg, state, _ = dec.step(state, pre.kv.k, lengths_dev, [tokens[i]], [pre.prompt_tokens + i], False)
-        out.append(np.asarray(lg)[0])
-    return np.stack(out) if out else np.zeros((0, len(pre.first_logits)), np.float32)
+def teacher_force(sess: Session, tokens: Sequence[int]) -> np.ndarray:
+    """Decode logits ``[len(tokens)-1, V]`` of a session's policy fed ``tokens`` (used to rebuild full's reference
+    logits from its cached tokens when a run resumes). Consumes the session."""
+    out = [np.asarray(sess.step([t]).logits)[0] for t in tokens[:-1]]
+    V = sess.engine.cfg.vocab_size
+    return np.stack(out) if out else np.zeros((0, V), np.float32)
 
 
 def compare(engine: Engine, method, ids: Sequence[int], max_new: int, stop_ids: Sequence[int],
             recall_every: int = 1) -> tuple[MethodRun, MethodRun]:
-    """Convenience: full's greedy reference and ``method`` (a name or Policy) teacher-forced on it, for one prompt.
-    ``engine`` may hold any policy; full is run with ``engine.with_policy("full")``. Returns (full run, method run)."""
-    full, meth = engine.with_policy("full"), engine.with_policy(method)
-    pre = prefill(meth if getattr(meth.policy, "needs_queries", False) else full, ids, max_new)
-    ref = run_method(full, pre, max_new, stop_ids, keep_logits=True)
-    run = run_method(meth, pre, max_new, stop_ids, reference=(ref.sampled, ref.logits),
+    """Convenience: full's greedy reference and ``method`` (a name or Policy) teacher-forced on it, for one prompt,
+    both from one prefill. Returns (full run, method run)."""
+    pre = prefill(engine, ids, max_new, ["full", method], recall=recall_every > 0)
+    ref = run_method(pre.session("full"), pre, max_new, stop_ids, keep_logits=True)
+    run = run_method(pre.session(method), pre, max_new, stop_ids, reference=(ref.sampled, ref.logits),
                      recall_every=recall_every)
     return ref, run
 
 
-__all__ = ["Decoder", "MethodRun", "Prefilled", "attention_recall", "compare", "fidelity_metrics",
-           "instrumented_step", "kl_divergence", "log_softmax64", "prefill", "recall_summary", "run_method",
-           "teacher_force"]
+__all__ = ["MethodRun", "Prefilled", "attention_recall", "compare", "fidelity_metrics", "kl_divergence",
+           "log_softmax64", "prefill", "recall_summary", "run_method", "teacher_force"]

@@ -27,16 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import cache as cache_mod
+from .engine import generation_bucket
 from .policies import Policy, make_policy
 from .policies.base import bucket_size
-
-#: the knob each policy's budget is set through (a float fraction in [0, 1])
-KNOBS = {"arkvale": "budget", "quest": "budget", "infinigen": "budget", "lrqk": "num_active"}
+from .prefill import build_from_kv
 
 
 def _knob(policy: Policy, knobs: Mapping[str, str] | None) -> str:
     knobs = dict(knobs or {})
-    name = knobs.get(policy.name) or getattr(policy, "budget_knob", None) or KNOBS.get(policy.name)
+    name = knobs.get(policy.name) or policy.budget_knob
     if name is None:
         raise ValueError(f"no budget knob known for policy {policy.name!r}; pass knobs={{{policy.name!r}: '<field>'}}")
     if not hasattr(policy.config, name):
@@ -49,8 +48,7 @@ def abstract_state(policy: Policy, mcfg, prompt_len: int, max_new: int = 256, ba
     """The state :meth:`kvjax.Engine.build` makes for ``batch`` prompts of ``prompt_len`` tokens and
     ``max_new`` new tokens, as ``ShapeDtypeStruct`` leaves carrying their memory kinds (no arithmetic runs).
 
-    ``extra`` is the policy's ``prepare`` output (or shapes); by default ``policy.prepare_shapes(mcfg, dtype)`` when
-    the policy has it, else None.
+    ``extra`` is the policy's ``prepare`` output (or shapes); by default ``policy.prepare_shapes(mcfg, dtype)``.
     """
     if prompt_len < 1:
         raise ValueError(f"prompt_len={prompt_len} must be >= 1 token")
@@ -59,20 +57,18 @@ def abstract_state(policy: Policy, mcfg, prompt_len: int, max_new: int = 256, ba
     if batch < 1:
         raise ValueError(f"batch={batch} must be >= 1 sequence")
     Tb = bucket_size(prompt_len, min_prompt_bucket)
-    gen = bucket_size(max_new, 64)  # the generated-slot bucket Engine.generate uses
+    gen = generation_bucket(max_new)
     L, Hkv, H, D = mcfg.num_layers, mcfg.num_kv_heads, mcfg.num_heads, mcfg.head_dim
     sds = jax.ShapeDtypeStruct
     k = sds((L, batch, Hkv, Tb, D), dtype)
-    q = sds((L, batch, H, Tb, D), dtype) if getattr(policy, "needs_queries", False) else None
-    if extra is None and hasattr(policy, "prepare_shapes"):
+    q = sds((L, batch, H, Tb, D), dtype) if policy.needs_queries else None
+    if extra is None:
         extra = policy.prepare_shapes(mcfg, dtype)
     policy.validate(mcfg, np.full((batch,), prompt_len, np.int32), gen)
 
-    def build_all(k, v, q, lens, extra):  # as Engine.build: one layer at a time
-        return jax.lax.map(lambda a: policy.build(mcfg, a[0], a[1], lens, gen, extra=a[3], q=a[2]), (k, v, q, extra))
-
-    st = jax.eval_shape(build_all, k, k, q, sds((batch,), jnp.int32), extra)
-    shard = cache_mod.state_shardings(st, None, Hkv, policy.host_fields)
+    st = jax.eval_shape(lambda k, v, q, lens, e: build_from_kv(policy, mcfg, k, v, q, lens, gen, e), k, k, q,
+                        sds((batch,), jnp.int32), extra)
+    shard = cache_mod.state_shardings(st, None, mcfg, policy)
     return jax.tree.map(lambda a, s: sds(a.shape, a.dtype, sharding=s), st, shard)
 
 
@@ -131,7 +127,7 @@ def equal_memory_budgets(mcfg, policies: Iterable[str | Policy], prompt_len: int
         target = int(total_bytes)
     kw = dict(max_new=max_new, batch=batch, dtype=dtype, min_prompt_bucket=min_prompt_bucket)
     Tb = bucket_size(prompt_len, min_prompt_bucket)
-    gen = bucket_size(max_new, 64)
+    gen = generation_bucket(max_new)
     out, nbytes, chosen = {}, {}, {}
     for p in policies:
         pol = make_policy(p)
@@ -141,8 +137,8 @@ def equal_memory_budgets(mcfg, policies: Iterable[str | Policy], prompt_len: int
 
         def measure(x: float) -> int:
             cand = type(pol)(dataclasses.replace(pol.config, **{knob: float(x)}))
-            key = (tuple(sorted(cand.static_sizes(mcfg, Tb, gen).items())) if hasattr(cand, "static_sizes")
-                   else float(x))
+            sizes = cand.static_sizes(mcfg, Tb, gen)
+            key = tuple(sorted(sizes.items())) if sizes else float(x)
             if key not in cache:
                 cache[key] = device_bytes(cand, mcfg, prompt_len, extra=extra, **kw)
             return cache[key]
@@ -154,14 +150,15 @@ def equal_memory_budgets(mcfg, policies: Iterable[str | Policy], prompt_len: int
                 f"token) at {knob}=0, more than the allowance of {target} bytes "
                 f"({target / (prompt_len * batch):.1f} per prompt token)")
         def valid(x: float) -> bool:
+            cand = type(pol)(dataclasses.replace(pol.config, **{knob: float(x)}))
+            lens = np.array([prompt_len] * batch, np.int32)
             try:
-                type(pol)(dataclasses.replace(pol.config, **{knob: float(x)})).validate(
-                    mcfg, np.array([prompt_len] * batch, np.int32), gen)
-                return True
+                cand.validate(mcfg, lens, gen)
             except ValueError:
                 return False
+            return bool(cand.prunable(mcfg, lens).all())
 
-        top = 1.0  # the largest knob value this prompt accepts (e.g. ShadowKV's landmark chunks cap the budget)
+        top = 1.0  # the largest knob value that still prunes this prompt (larger budgets decode exactly)
         if not valid(top):
             ok, bad = 0.0, 1.0
             for _ in range(iters):
@@ -192,4 +189,4 @@ def equal_memory_budgets(mcfg, policies: Iterable[str | Policy], prompt_len: int
     return BudgetPlan(out, nbytes, target, chosen)
 
 
-__all__ = ["KNOBS", "BudgetPlan", "abstract_state", "device_bytes", "equal_memory_budgets", "memory_report_for"]
+__all__ = ["BudgetPlan", "abstract_state", "device_bytes", "equal_memory_budgets", "memory_report_for"]

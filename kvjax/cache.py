@@ -19,46 +19,67 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from .compat import DEVICE_MEMORY_KIND, HOST_MEMORY_KIND
 
 
+#: logical axis names of state leaves and the mesh axis each is split over (None: replicated)
+MESH_AXES = {"layers": None, "batch": "data", "kv_heads": "model", "heads": "model"}
+
+#: the usual layout of a per-KV-head leaf ``[L, B, Hkv, T, ...]`` (trailing axes replicated)
+KV_AXES = ("layers", "batch", "kv_heads")
+#: a per-sequence leaf ``[L, B, ...]``
+SEQ_AXES = ("layers", "batch")
+
+
+def leaf(*axes, by_rank: dict[int, tuple] | None = None, default=dataclasses.MISSING):
+    """A state dataclass field whose leaves have the logical leading ``axes`` (names of :data:`MESH_AXES`; the
+    remaining axes are replicated). ``by_rank`` gives other layouts of the same field told apart by the leaf's rank
+    (e.g. YAKV's landmark codes are ``[L, B, Hkv, N, D/d]`` per head or ``[L, B, N, C/d]`` per token).
+    The shardings of every state are derived from these declarations (:func:`state_shardings`)."""
+    return struct.field(pytree_node=True, default=default,
+                        metadata={"axes": tuple(axes), "by_rank": dict(by_rank or {})})
+
+
 @struct.dataclass
 class KVCache:
     """Dense per-layer K/V (post-RoPE), layer-stacked: k, v ``[L, B, Hkv, S, D]`` in the model dtype.
 
-    This is the prefill result of every policy and the whole state of the ``full`` policy. ``q``
-    (post-RoPE prompt queries ``[L, B, H, S, D]``) is kept only for policies with ``needs_queries``.
+    The whole state of the ``full`` policy (with ``S = Tb + max_new``) and of the prefill's dense capture
+    (:class:`kvjax.prefill.DenseCapture`; ``q``: post-RoPE prompt queries ``[L, B, H, Tb, D]``, when kept).
     """
 
-    k: jax.Array
-    v: jax.Array
-    q: jax.Array | None = None
+    k: jax.Array = leaf(*KV_AXES)
+    v: jax.Array | None = leaf(*KV_AXES, default=None)
+    q: jax.Array | None = leaf("layers", "batch", "heads", default=None)
 
 
-def leaf_spec(x_shape: tuple[int, ...], num_kv_heads: int, kv_axis: int | None) -> P:
-    """PartitionSpec of a layer-stacked leaf: ``[L, B, (Hkv), ...]`` -> (None, "data", ("model"), None...)."""
-    nd = len(x_shape)
-    if nd < 2:
-        return P(*([None] * nd))
-    spec = [None, "data"] + [None] * (nd - 2)
-    if kv_axis is not None and nd > kv_axis and x_shape[kv_axis] == num_kv_heads:
-        spec[kv_axis] = "model"
-    return P(*spec)
+def field_axes(state: Any, name: str, ndim: int) -> tuple:
+    """The declared logical leading axes of field ``name`` of a state dataclass, for a leaf of rank ``ndim``."""
+    fld = next(f for f in dataclasses.fields(state) if f.name == name)
+    if "axes" not in fld.metadata:
+        raise TypeError(f"{type(state).__name__}.{name} declares no axes: define it with kvjax.cache.leaf(...)")
+    return fld.metadata["by_rank"].get(ndim, fld.metadata["axes"])
 
 
-def state_shardings(state: Any, mesh, num_kv_heads: int, host_fields: Iterable[str] = (),
-                    host_kind: str = HOST_MEMORY_KIND) -> Any:
-    """Sharding pytree for a policy state dataclass (same structure), with host fields in ``host_kind``.
+def leaf_spec(axes: tuple, ndim: int) -> P:
+    """PartitionSpec of a leaf of rank ``ndim`` with leading logical ``axes`` (trailing axes replicated)."""
+    spec = [MESH_AXES[a] if a is not None else None for a in axes[:ndim]]
+    return P(*(spec + [None] * (ndim - len(spec))))
+
+
+def state_shardings(state: Any, mesh, mcfg=None, policy=None, host_kind: str = HOST_MEMORY_KIND) -> Any:
+    """Sharding pytree for a policy state dataclass (same structure) from its fields' declared axes
+    (:func:`leaf`), with the policy's ``host_fields`` in ``host_kind`` memory and the rest on the device.
 
     ``mesh=None`` places everything on the first device. Leaves are arrays or ShapeDtypeStructs.
     """
-    host_fields = set(host_fields)
+    host_fields = set(policy.host_fields) if policy is not None else set()
     out = {}
     for f in dataclasses.fields(state):
         val = getattr(state, f.name)
         kind = host_kind if f.name in host_fields else DEVICE_MEMORY_KIND
 
-        def one(x, kind=kind):
+        def one(x, kind=kind, name=f.name):
             if mesh is None:
                 return SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
-            return NamedSharding(mesh, leaf_spec(tuple(x.shape), num_kv_heads, 2), memory_kind=kind)
+            return NamedSharding(mesh, leaf_spec(field_axes(state, name, x.ndim), x.ndim), memory_kind=kind)
 
         out[f.name] = jax.tree.map(one, val)
     return state.replace(**out)

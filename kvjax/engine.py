@@ -1,18 +1,21 @@
-"""Generation engine: chunked exact prefill, policy build, and a decode step compiled once.
+"""The user API over prefill and decode: buckets, sampling, stopping, ragged batches, sessions.
 
-Flow (DESIGN.md): ids (ragged batch, right-padded to a power-of-two bucket) -> :func:`prefill_pure`
-(exact causal attention in chunks of ``prefill_chunk`` tokens, bounded activation memory) -> dense
-post-RoPE K/V ``[L, B, Hkv, Tb, D]`` -> ``policy.build`` per layer (device / pinned_host placement) ->
-:func:`decode_step_pure` (all layers in one ``lax.scan``, state donated) called once per token.
+Flow (DESIGN.md): ids (ragged batch, right-padded to a power-of-two prompt bucket ``Tb``) ->
+:func:`kvjax.prefill.prefill` (exact attention layer by layer; each layer's dense K/V is turned into the policy's
+state right away and its host part moved to ``pinned_host``) -> :func:`kvjax.decode.decode_step` per token, driven
+either by :func:`kvjax.decode.generate_loop` (one ``lax.while_loop`` on the device: the default) or from Python
+through a :class:`Session` (teacher forcing, forks, streaming, stop strings).
 
-Compilation: prefill once per (batch, prompt bucket); decode once per (batch, prompt bucket, policy
-budget bucket, generation bucket). The number of steps and the prompt lengths inside a bucket never
-recompile (tested by counting compilations).
+Compilation: prefill once per (batch, prompt bucket, policies, generation bucket); the decode step and the device
+loop once per (batch, prompt bucket, policy budget bucket, generation bucket). The number of steps, the prompt
+lengths inside a bucket and the sampling knobs never recompile (:meth:`Engine.compile_counts` says how many
+programs each stage has compiled).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from typing import Callable, Sequence
 
@@ -22,13 +25,25 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models.config import ModelConfig
-from models.transformer import Params, embed_tokens, logits_from_hidden, run_layers_carry
 
 from . import cache as cache_mod
+from . import decode as decode_mod
+from . import memory as memory_mod
+from . import prefill as prefill_mod
 from .policies import Policy, make_policy
 from .policies.base import bucket_size
-from .offload import place_on_host
 from .sampling import SamplingConfig, sample
+
+log = logging.getLogger("kvjax")
+
+#: smallest generated-slot bucket: the state holds ``generation_bucket(max_new)`` slots for generated tokens
+MIN_GENERATION_BUCKET = 64
+
+
+def generation_bucket(max_new: int) -> int:
+    """Generated-token slots a state is built with for ``max_new`` new tokens (a power of two, at least 64), so
+    generation lengths inside a bucket share one compile."""
+    return bucket_size(max_new, MIN_GENERATION_BUCKET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,99 +73,84 @@ class Generation:
     decode_s: float = 0.0
 
 
-# ----------------------------------------------------------------------------- pure functions
-def _prefill_attention(q, kc, vc, q_pos, lengths, start):
-    """Chunk queries against the cache with causal + length masks, visiting only the key blocks at or
-    before the chunk (block-causal online softmax: the work is the causal half, not the whole buffer).
+@dataclasses.dataclass
+class StepOut:
+    """What one :meth:`Session.step` returns (device arrays): float32 ``logits [B, V]`` for the next token, the
+    ``tokens [B]`` sampled from them, and the attention recall ``[B, L, Hkv]`` when the probe ran (else None)."""
 
-    q ``[B, C, H, D]``, kc/vc ``[B, Hkv, S, D]`` (S a multiple of C), q_pos ``[B, C]``, ``start`` the
-    chunk's first position (traced). Returns ``[B, C, H, D]``.
-    """
-    B, C, H, D = q.shape
-    Hkv = kc.shape[1]
-    G = H // Hkv
-    qg = q.reshape(B, C, Hkv, G, D).transpose(0, 2, 3, 1, 4).astype(jnp.float32) * (1.0 / float(np.sqrt(D)))
-
-    def body(j, carry):
-        m, l, acc = carry
-        kb = jax.lax.dynamic_slice_in_dim(kc, j * C, C, axis=2).astype(jnp.float32)
-        vb = jax.lax.dynamic_slice_in_dim(vc, j * C, C, axis=2).astype(jnp.float32)
-        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kb)
-        kpos = j * C + jnp.arange(C)
-        mask = (kpos[None, None, :] <= q_pos[:, :, None]) & (kpos[None, None, :] < lengths[:, None, None])
-        s = jnp.where(mask[:, None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-        l = l * corr + jnp.sum(p, axis=-1)
-        acc = acc * corr[..., None] + jnp.einsum("bhgqk,bhkd->bhgqd", p, vb)
-        return m_new, l, acc
-
-    init = (jnp.full((B, Hkv, G, C), -jnp.inf, jnp.float32), jnp.zeros((B, Hkv, G, C), jnp.float32),
-            jnp.zeros((B, Hkv, G, C, D), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, start // C + 1, body, init)
-    o = acc / jnp.maximum(l, 1e-30)[..., None]
-    return o.transpose(0, 3, 1, 2, 4).reshape(B, C, H, D).astype(q.dtype)
+    logits: jax.Array
+    tokens: jax.Array
+    recall: jax.Array | None = None
 
 
-def prefill_pure(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, chunk: int,
-                 keep_q: bool = False):
-    """Exact causal prefill in chunks. tokens int32 ``[B, Tb]`` (right-padded), lengths int32 ``[B]``.
+class _Owners:
+    """How many sessions hold the same state buffers (a forked state must not be donated)."""
 
-    Returns (float32 logits ``[B, V]`` of each sequence's last prompt token, :class:`KVCache` with
-    post-RoPE k and v ``[L, B, Hkv, Tb, D]``, and post-RoPE queries ``[L, B, H, Tb, D]`` if ``keep_q``).
-    """
-    B, Tb = tokens.shape
-    dt = params["embed"].dtype
-    shape = (cfg.num_layers, B, cfg.num_kv_heads, Tb, cfg.head_dim)
-    q0 = jnp.zeros((cfg.num_layers, B, cfg.num_heads, Tb, cfg.head_dim), dt) if keep_q else None
-    kv0 = cache_mod.KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), q0)
-
-    def chunk_body(carry, c):
-        kv, last_h = carry
-        start = c * chunk
-        toks = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
-        pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (B, chunk))
-
-        def attend(st, layer, q, k_pre, k, v, hn):
-            z = jnp.zeros((), jnp.int32)
-            kc = jax.lax.dynamic_update_slice(st.k, k.transpose(0, 2, 1, 3)[None], (layer, z, z, start, z))
-            vc = jax.lax.dynamic_update_slice(st.v, v.transpose(0, 2, 1, 3)[None], (layer, z, z, start, z))
-            out = _prefill_attention(q, kc[layer], vc[layer], pos, lengths, start)
-            qc = st.q
-            if keep_q:
-                qc = jax.lax.dynamic_update_slice(st.q, q.transpose(0, 2, 1, 3)[None], (layer, z, z, start, z))
-            return out, cache_mod.KVCache(kc, vc, qc)
-
-        x, kv = run_layers_carry(params, cfg, embed_tokens(params, toks), pos, kv, attend)
-        idx = lengths - 1 - start
-        inside = (idx >= 0) & (idx < chunk)
-        h = jnp.take_along_axis(x, jnp.clip(idx, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
-        return (kv, jnp.where(inside[:, None], h, last_h)), None
-
-    last0 = jnp.zeros((B, cfg.hidden_size), dt)
-    (kv, last_h), _ = jax.lax.scan(chunk_body, (kv0, last0), jnp.arange(Tb // chunk))
-    return logits_from_hidden(params, cfg, last_h), kv
+    def __init__(self):
+        self.n = 1
 
 
-def decode_step_pure(params: Params, cfg: ModelConfig, policy: Policy, state, tok: jax.Array, pos: jax.Array):
-    """One decode step for all layers. tok int32 ``[B]`` at absolute positions ``pos [B]``.
+class Session:
+    """A prefilled batch under one policy, decoded token by token from Python.
 
-    Returns (float32 logits ``[B, V]``, new layer-stacked policy state).
+    ``state`` is the layer-stacked policy state, ``lengths`` (numpy int32 ``[B]``) the prompt lengths, ``pos`` the
+    next absolute position of every sequence, ``first_logits`` the float32 prefill logits ``[B, V]``.
+    :meth:`step` feeds one token per sequence (teacher forcing feeds the reference's tokens) and returns the next
+    logits and a sampled token; :meth:`fork` gives an independent copy (the next step of either runs without
+    donating the shared state, once). With ``exact_keys`` (from :meth:`Engine.start`) the attention-recall probe
+    of the same step is available (``step(..., recall=True)``).
     """
 
-    def attend(st, layer, q, k_pre, k, v, hn):
-        out, st = policy.decode(cfg, st, layer, q[:, 0], k_pre[:, 0], k[:, 0], v[:, 0], pos, hn[:, 0])
-        return out[:, None], st
+    def __init__(self, engine: "Engine", state, lengths: np.ndarray, first_logits: jax.Array, exact_keys=None,
+                 exact: bool = False):
+        self.engine = engine
+        #: True when the requested policy could not prune these prompts and full attention runs instead
+        self.exact = exact
+        self.state = state
+        self.lengths = np.asarray(lengths, np.int32)
+        self.pos = self.lengths.copy()
+        self.first_logits = first_logits
+        self.exact_keys = exact_keys
+        self._owners = _Owners()
 
-    x, state = run_layers_carry(params, cfg, embed_tokens(params, tok[:, None]), pos[:, None], state, attend)
-    return logits_from_hidden(params, cfg, x[:, 0]), state
+    @property
+    def policy(self) -> Policy:
+        return self.engine.policy
 
+    def step(self, tokens, *, key: jax.Array | None = None, sampling: SamplingConfig = SamplingConfig(),
+             recall: bool = False, measure: bool = True) -> StepOut:
+        """Feed ``tokens`` (int ``[B]``) at :attr:`pos`, advance it, and return :class:`StepOut`.
 
-def _step_and_sample(params, cfg, policy, state, tok, pos, key, temperature, top_k, top_p):
-    logits, state = decode_step_pure(params, cfg, policy, state, tok, pos)
-    return sample(logits, key, temperature, top_k, top_p), logits, state
+        ``recall=True`` runs the attention-recall probe (compiled into the same step; ``measure=False`` skips
+        the measurement at run time without recompiling). Sampling with ``key`` (default: key 0) and ``sampling``
+        (default greedy) happens inside the same jitted step."""
+        eng = self.engine
+        if recall and self.exact_keys is None:
+            raise ValueError("recall=True needs a session started with exact_keys=True (Engine.start)")
+        donate = self._owners.n == 1
+        fn = eng._step_jit(self.state, recall, donate)
+        key = jax.random.key(0) if key is None else key
+        probe = (self.exact_keys, eng.put(self.lengths), jnp.bool_(measure)) if recall else (None, None, None)
+        logits, nxt, state, rec = fn(eng.params, self.state, eng.put(np.asarray(tokens, np.int32)),
+                                     eng.put(self.pos), key, jnp.float32(sampling.temperature),
+                                     jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), *probe)
+        if not donate:  # this session now owns a fresh state; the other holder keeps the old one
+            self._owners.n -= 1
+            self._owners = _Owners()
+        self.state = state
+        self.pos = self.pos + 1
+        return StepOut(logits, nxt, rec)
+
+    def fork(self) -> "Session":
+        """An independent session at the same point (the state is shared until either steps)."""
+        other = Session.__new__(Session)
+        other.__dict__.update(self.__dict__)
+        other.pos = self.pos.copy()
+        self._owners.n += 1
+        return other
+
+    def memory_report(self) -> dict:
+        return self.policy.memory_report(self.state, self.lengths)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -161,30 +161,37 @@ class Engine:
     >>> eng.generate(["What is the capital of Germany?"], GenerationConfig(max_new_tokens=32))[0].text
     'The capital of Germany is Berlin.'
     >>> Engine(eng.lm, policy=make_policy("yakv", sparse_budget=1 / 32)).generate([long_prompt])
+
+    ``offload_hidden`` keeps the hidden states between layers in host memory during prefill (only one chunk of them
+    on the device), for the longest prompts. ``exact_fallback`` (default) decodes prompts a policy cannot prune
+    (:meth:`Policy.prunable`) with full attention; False runs the policy's own machinery on them anyway (tests of a
+    whole-prompt budget use that).
     """
 
     def __init__(self, lm, policy: str | Policy = "full", mesh=None, prefill_chunk: int = 512,
-                 min_prompt_bucket: int = 128):
+                 min_prompt_bucket: int = 128, offload_hidden: bool = False, exact_fallback: bool = True):
         if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two")
         self.lm = lm
         self.cfg: ModelConfig = lm.config
         self.params = lm.model.params()
         self.policy = make_policy(policy)
-        self.mesh = mesh if mesh is not None else getattr(lm, "mesh", None)
+        self.mesh = mesh if mesh is not None else lm.mesh
         self.prefill_chunk = prefill_chunk
         self.min_prompt_bucket = min_prompt_bucket
-        self._prefill_jit = {}
-        self._build_jit = {}
-        self._step_jit = {}
+        self.offload_hidden = offload_hidden
+        self.exact_fallback = exact_fallback
+        self._jits: dict = {}  # shared by with_policy() engines: keys carry the policy
+        self._extras: dict = {}
+        self.last_session: Session | None = None
 
     # -- helpers
     def with_policy(self, policy: str | Policy) -> "Engine":
-        """Same model and compiled prefill, another policy."""
+        """Same model (and compiled programs), another policy."""
         eng = Engine.__new__(Engine)
         eng.__dict__.update(self.__dict__)
         eng.policy = make_policy(policy)
-        eng._build_jit, eng._step_jit = {}, {}
+        eng.last_session = None
         return eng
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
@@ -194,17 +201,19 @@ class Engine:
         text = tok.apply_chat_template(prompt) if chat else prompt
         return tok.encode(text)
 
-    def _batch_sharding(self, ndim: int):
+    def batch_sharding(self, ndim: int):
+        """Sharding of a per-sequence array with ``ndim`` axes (batch over the mesh's ``data`` axis)."""
         if self.mesh is None:
             return jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return NamedSharding(self.mesh, P("data", *([None] * (ndim - 1))))
 
-    def _put(self, x, ndim=None):
+    def put(self, x) -> jax.Array:
+        """A per-sequence host value (numpy, list) as a device array sharded over the batch."""
         x = np.asarray(x)
-        return jax.device_put(x, self._batch_sharding(x.ndim))
+        return jax.device_put(x, self.batch_sharding(x.ndim))
 
     def prepare(self, prompts: Sequence[Sequence[int]], max_new: int):
-        """Validate, bucket and pad a ragged batch of token-id prompts."""
+        """Validate, bucket and pad a ragged batch of token-id prompts: (tokens int32 ``[B, Tb]``, lengths, Tb)."""
         if len(prompts) == 0:
             raise ValueError("no prompts given")
         lengths = np.array([len(p) for p in prompts], np.int32)
@@ -226,90 +235,248 @@ class Engine:
             toks[i, :len(p)] = ids
         return toks, lengths, Tb
 
-    # -- stages
-    def prefill(self, toks: np.ndarray, lengths: np.ndarray):
-        """Exact chunked prefill; returns (last-token logits ``[B, V]``, dense KVCache)."""
-        B, Tb = toks.shape
+    def extra(self, policy: Policy):
+        """Per-layer static data of a policy computed from the weights (``policy.prepare``), cached."""
+        if policy not in self._extras:
+            self._extras[policy] = policy.prepare(self.cfg, self.params)
+        return self._extras[policy]
+
+    def _jit(self, kind: str, key, make: Callable):
+        k = (kind, key)
+        if k not in self._jits:
+            self._jits[k] = make()
+        return self._jits[k]
+
+    def compile_counts(self) -> dict[str, int]:
+        """Programs compiled so far per stage ("prefill", "build", "step", "loop"), over every policy of this model."""
+        out = {"prefill": 0, "build": 0, "step": 0, "loop": 0}
+        for (kind, _), fn in self._jits.items():
+            out[kind] += fn._cache_size()
+        return out
+
+    def _state_shardings(self, policy: Policy, abstract):
+        return cache_mod.state_shardings(abstract, self.mesh, self.cfg, policy)
+
+    # -- prefill + build
+    def _prefill_fn(self, policies: tuple, B: int, Tb: int, max_new: int):
         chunk = min(self.prefill_chunk, Tb)
-        keep_q = bool(getattr(self.policy, "needs_queries", False))
-        key = (B, Tb, chunk, keep_q)
-        if key not in self._prefill_jit:
-            self._prefill_jit[key] = jax.jit(functools.partial(prefill_pure, cfg=self.cfg, chunk=chunk, keep_q=keep_q))
-        return self._prefill_jit[key](self.params, tokens=self._put(toks), lengths=self._put(lengths))
+
+        def make():
+            fn = functools.partial(prefill_mod.prefill, cfg=self.cfg, policies=policies, max_new=max_new,
+                                   chunk=chunk, offload_hidden=self.offload_hidden)
+            extras = tuple(self.extra(p) if isinstance(p, Policy) else None for p in policies)
+            toks = jax.ShapeDtypeStruct((B, Tb), jnp.int32)
+            lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+            _, states = jax.eval_shape(lambda p, t, l, e: fn(p, tokens=t, lengths=l, extras=e), self.params, toks,
+                                       lens, extras)
+            shard = tuple(self._state_shardings(p, s) for p, s in zip(policies, states))
+            return jax.jit(lambda p, t, l, e: fn(p, tokens=t, lengths=l, extras=e),
+                           out_shardings=(self.batch_sharding(2), shard))
+
+        return self._jit("prefill", (policies, B, Tb, max_new, chunk, self.offload_hidden), make)
+
+    def prefill(self, toks: np.ndarray, lengths: np.ndarray, max_new: int, policies: Sequence | None = None):
+        """Exact prefill that builds the policies' states layer by layer (:mod:`kvjax.prefill`).
+
+        ``max_new``: generated-token slots (use :func:`generation_bucket`). ``policies`` (default: this engine's
+        policy) may hold several policies and :class:`kvjax.prefill.DenseCapture`. Returns (float32 last-token
+        logits ``[B, V]``, tuple of states).
+        """
+        policies = tuple(policies) if policies is not None else (self.policy,)
+        for p in policies:
+            if isinstance(p, Policy):
+                p.validate(self.cfg, lengths, max_new)
+        B, Tb = toks.shape
+        fn = self._prefill_fn(policies, B, Tb, max_new)
+        extras = tuple(self.extra(p) if isinstance(p, Policy) else None for p in policies)
+        with memory_mod.explain_oom("prefill", fn, self.params, toks, lengths, extras):
+            return fn(self.params, self.put(toks), self.put(lengths), extras)
+
+    def dense_prefill(self, toks: np.ndarray, lengths: np.ndarray, queries: bool = False):
+        """The prefill with the dense capture (:class:`kvjax.prefill.DenseCapture`): (float32 last-token logits,
+        :class:`kvjax.cache.KVCache` of every layer's post-RoPE k, v ``[L, B, Hkv, Tb, D]`` and, with ``queries``, q
+        ``[L, B, H, Tb, D]``), e.g. to build several policies from one synthetic or real cache (:meth:`build`)."""
+        logits, (kv,) = self.prefill(toks, lengths, 1, (prefill_mod.DenseCapture(values=True, queries=queries),))
+        return logits, kv
 
     def build(self, kv: cache_mod.KVCache, lengths: np.ndarray, max_new: int):
-        """Policy state from the dense prefill cache, placed in device / host memory."""
-        pol, cfg = self.policy, self.cfg
-        pol.validate(cfg, lengths, max_new)
-        key = (pol, kv.k.shape, max_new, pol.static_key(lengths, max_new))
-        if key not in self._build_jit:
-            def build_all(kv, lens, extra):
-                # one layer at a time (lax.map), so build temporaries (SVD, quantizer) stay one layer big
-                st = jax.lax.map(lambda a: pol.build(cfg, a[0], a[1], lens, max_new, extra=a[3], q=a[2]),
-                                 (kv.k, kv.v, kv.q, extra))
-                # explicit move of the host fields: out_shardings alone leave a device-typed aval (offload docs)
-                return st.replace(**{f: jax.tree.map(place_on_host, getattr(st, f)) for f in pol.host_fields
-                                     if getattr(st, f, None) is not None})
+        """This policy's state from given dense post-RoPE K/V (``kv.k``/``kv.v`` ``[L, B, Hkv, Tb, D]``, ``kv.q``
+        for policies that need the queries: :meth:`dense_prefill` or a synthetic cache in benchmarks and tests),
+        one layer at a time exactly as the prefill builds it (:func:`kvjax.prefill.build_from_kv`)."""
+        k, v, q = kv.k, kv.v, kv.q if self.policy.needs_queries else None
+        pol = self.policy
+        pol.validate(self.cfg, lengths, max_new)
+        extra = self.extra(pol)
+        fn = functools.partial(prefill_mod.build_from_kv, pol, self.cfg, max_new=max_new)
 
-            abstract = jax.eval_shape(build_all, kv, jax.ShapeDtypeStruct(lengths.shape, jnp.int32), self._extra())
-            shard = cache_mod.state_shardings(abstract, self.mesh, cfg.num_kv_heads, pol.host_fields)
-            self._build_jit[key] = (jax.jit(build_all, out_shardings=shard), shard)
-        fn, _ = self._build_jit[key]
-        return fn(kv, self._put(lengths), self._extra())
+        def make():
+            abstract = jax.eval_shape(lambda k, v, q, l, e: fn(k=k, v=v, q=q, lengths=l, extra=e), k, v, q,
+                                      jax.ShapeDtypeStruct(lengths.shape, jnp.int32), extra)
+            return jax.jit(lambda k, v, q, l, e: fn(k=k, v=v, q=q, lengths=l, extra=e),
+                           out_shardings=self._state_shardings(pol, abstract))
 
-    def _extra(self):
-        """Per-layer static data of the policy computed from the weights (``policy.prepare``), cached."""
-        if getattr(self, "_extra_for", None) is not self.policy:
-            self._extra_val = self.policy.prepare(self.cfg, self.params)
-            self._extra_for = self.policy
-        return self._extra_val
+        jitted = self._jit("build", (pol, k.shape, str(k.dtype), q is None, max_new), make)
+        return jitted(k, v, q, self.put(lengths), extra)
 
-    def step_fn(self, state):
-        """The jitted decode step for this state's shapes (compiled once per bucket, state donated)."""
-        key = (self.policy, str(jax.tree.map(lambda x: (x.shape, x.dtype), state)))
-        if key not in self._step_jit:
+    def runnable_policy(self, policy: Policy, lengths) -> tuple[Policy, bool]:
+        """The policy that serves these prompts: ``policy`` itself, or full attention (and True) when it prunes
+        none of them (prompts at or below ``min_seqlen_to_prune``, or budgets covering the prompt), with a one-line
+        notice. A batch mixing both is an error for policies that cannot keep exact rows in their state
+        (:attr:`Policy.mixes_exact_rows`); :meth:`generate` splits such batches."""
+        mask = policy.prunable(self.cfg, lengths)
+        if mask.all() or not policy.prunes or not self.exact_fallback:
+            return policy, False
+        if not mask.any():
+            log.warning("kvjax: %s cannot prune prompts of %s tokens (min_seqlen_to_prune or budgets covering the "
+                        "prompt): decoding them exactly (full attention)", policy.name,
+                        "/".join(str(int(t)) for t in np.asarray(lengths)))
+            return make_policy("full"), True
+        if policy.mixes_exact_rows:
+            return policy, False
+        raise ValueError(f"{policy.name} prunes prompts {np.flatnonzero(mask).tolist()} but not "
+                         f"{np.flatnonzero(~mask).tolist()} of this batch (lengths {np.asarray(lengths).tolist()} "
+                         f"tokens); start them as separate batches (Engine.generate splits them itself)")
+
+    def start(self, prompts: Sequence[Sequence[int]], max_new: int, policies: Sequence[Policy] | None = None,
+              exact_keys: bool = False):
+        """Prefill a batch of token-id prompts and return a :class:`Session` (or, with ``policies``, one session per
+        policy, all built from the same exact prefill). ``exact_keys`` keeps the exact post-RoPE prompt keys
+        ``[L, B, Hkv, Tb, D]`` on the device for the attention-recall probe (``Session.step(recall=True)``).
+        A policy that cannot prune these prompts is replaced by full attention (:meth:`runnable_policy`; the
+        session's ``exact`` is then True)."""
+        asked = tuple(make_policy(p) for p in policies) if policies is not None else (self.policy,)
+        toks, lengths, _ = self.prepare(prompts, max_new)
+        runs = [self.runnable_policy(p, lengths) for p in asked]
+        pols = tuple(dict.fromkeys(p for p, _ in runs))  # one build per distinct policy
+        capture = (prefill_mod.DenseCapture(),) if exact_keys else ()
+        logits, states = self.prefill(toks, lengths, generation_bucket(max_new), pols + capture)
+        keys = states[-1].k if exact_keys else None
+        by_policy = dict(zip(pols, states))
+        sessions = [Session(self.with_policy(p) if p != self.policy else self, by_policy[p], lengths, logits, keys,
+                            exact) for p, exact in runs]
+        if len(sessions) > 1 and len(pols) < len(sessions):  # two sessions share a state: make them forks
+            seen = {}
+            for i, (p, _) in enumerate(runs):
+                if p in seen:
+                    sessions[i] = sessions[seen[p]].fork()
+                seen.setdefault(p, i)
+        return sessions if policies is not None else sessions[0]
+
+    # -- decode
+    def _step_jit(self, state, probe_recall: bool, donate: bool):
+        pol = self.policy
+        layout = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+
+        def make():
             shard = jax.tree.map(lambda x: x.sharding, state)
-            bs = self._batch_sharding(1)
-            ls = self._batch_sharding(2)
-            fn = functools.partial(_step_and_sample, cfg=self.cfg, policy=self.policy)
-            self._step_jit[key] = jax.jit(
-                lambda params, state, tok, pos, key, t, k, p: fn(params, state=state, tok=tok, pos=pos, key=key,
-                                                                  temperature=t, top_k=k, top_p=p),
-                donate_argnums=(1,), out_shardings=(bs, ls, shard))
-        return self._step_jit[key]
+            rec_s = self.batch_sharding(3) if probe_recall else None
+
+            def fn(params, state, tok, pos, key, t, k, p, exact_keys, lengths, do_recall):
+                logits, state, rec = decode_mod.decode_step(params, self.cfg, pol, state, tok, pos,
+                                                            probe_recall=probe_recall, exact_keys=exact_keys,
+                                                            prompt_lengths=lengths, do_recall=do_recall)
+                return logits, sample(logits, key, t, k, p), state, rec
+
+            return jax.jit(fn, donate_argnums=(1,) if donate else (),
+                           out_shardings=(self.batch_sharding(2), self.batch_sharding(1), shard, rec_s))
+
+        return self._jit("step", (pol, str(layout), probe_recall, donate), make)
+
+    def _loop_jit(self, state, gen_bucket: int, keep_logits: bool):
+        pol = self.policy
+        layout = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+
+        def make():
+            shard = jax.tree.map(lambda x: x.sharding, state)
+            fn = functools.partial(decode_mod.generate_loop, cfg=self.cfg, policy=pol, gen_bucket=gen_bucket,
+                                   keep_logits=keep_logits)
+            b1, b2 = self.batch_sharding(1), self.batch_sharding(2)
+            return jax.jit(lambda params, state, *a: fn(params, state=state, first=a[0], lengths=a[1], key=a[2],
+                                                        temperature=a[3], top_k=a[4], top_p=a[5], stop_ids=a[6],
+                                                        max_new=a[7]),
+                           donate_argnums=(1,),
+                           out_shardings=(b2, b1, b1, shard, self.batch_sharding(3) if keep_logits else None))
+
+        return self._jit("loop", (pol, str(layout), gen_bucket, keep_logits), make)
 
     # -- user API
     def generate(self, prompts: Sequence[str | Sequence[int]], gen: GenerationConfig = GenerationConfig(),
-                 chat: bool = True, on_text: Callable[[int, str], None] | None = None) -> list[Generation]:
+                 chat: bool = True, on_text: Callable[[int, str], None] | None = None,
+                 loop: str | None = None) -> list[Generation]:
         """Generate for a batch of prompts (text, chat-templated when ``chat``, or token ids).
 
-        ``on_text(i, delta)`` streams new text of sequence i. Sequences stop on stop ids, stop strings or
-        ``max_new_tokens``; the batch runs until every sequence has stopped.
+        Sequences stop on stop ids, stop strings or ``max_new_tokens``; the batch runs until every sequence has
+        stopped. ``loop="device"`` runs the whole generation as one ``lax.while_loop`` on the device (the default);
+        ``"host"`` steps from Python, which stop strings and the streaming callback ``on_text(i, delta)`` need
+        (the default when either is given). Both give the same tokens.
         """
+        if loop is None:
+            loop = "host" if (gen.stop_strings or on_text is not None) else "device"
+        if loop not in ("device", "host"):
+            raise ValueError(f"loop={loop!r} must be 'device' or 'host'")
+        if loop == "device" and (gen.stop_strings or on_text is not None):
+            raise ValueError("stop strings and on_text need loop='host' (the device loop stops on token ids only)")
         ids = [self.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
+        mask = self.policy.prunable(self.cfg, [len(i) for i in ids])
+        if (self.exact_fallback and self.policy.prunes and mask.any() and not mask.all()
+                and not self.policy.mixes_exact_rows):
+            out: list = [None] * len(ids)  # a mixed batch: the prunable prompts and the others separately
+            for group in (np.flatnonzero(mask), np.flatnonzero(~mask)):
+                for i, r in zip(group, self.generate([ids[i] for i in group], gen, False,
+                                                     None if on_text is None else
+                                                     (lambda j, d, g=group: on_text(int(g[j]), d)), loop)):
+                    out[i] = r
+            return out
         tok = self.lm.tokenizer
-        stop_ids = set(gen.stop_ids if gen.stop_ids is not None else (tok.stop_ids() if tok else self.cfg.eos_token_ids))
+        stop_ids = tuple(gen.stop_ids if gen.stop_ids is not None else (tok.stop_ids() if tok
+                                                                         else self.cfg.eos_token_ids))
         max_new = gen.max_new_tokens
-        toks, lengths, Tb = self.prepare(ids, max_new)
-        gen_bucket = bucket_size(max_new, 64)
-        self.policy.validate(self.cfg, lengths, gen_bucket)  # before anything is compiled
+        gb = generation_bucket(max_new)
         t0 = time.perf_counter()
-        logits, kv = self.prefill(toks, lengths)
-        state = self.build(kv, lengths, gen_bucket)
-        del kv
+        sess = self.start(ids, max_new)
         key = jax.random.key(gen.seed)
         s = gen.sampling
-        first = sample(logits, jax.random.fold_in(key, 0), jnp.float32(s.temperature), jnp.int32(s.top_k),
-                       jnp.float32(s.top_p))
-        cur = np.asarray(first)
+        knobs = (jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
+        first = sample(sess.first_logits, jax.random.fold_in(key, 0), *knobs)
+        jax.block_until_ready(first)
         t1 = time.perf_counter()
-        B = len(ids)
+        if loop == "device":
+            out, reason = self._generate_device(sess, first, key, knobs, stop_ids, max_new, gb)
+        else:
+            out, reason = self._generate_host(sess, first, key, s, set(stop_ids), max_new, gen.stop_strings, on_text)
+        t2 = time.perf_counter()
+        self.last_session = sess
+        self.last_exact = sess.exact
+        res = []
+        for b in range(len(ids)):
+            text = (reason[b][1] if isinstance(reason[b], tuple) else
+                    (tok.decode(out[b], skip_special_tokens=True) if tok is not None else ""))
+            why = reason[b][0] if isinstance(reason[b], tuple) else reason[b]
+            res.append(Generation(out[b], text, why, int(sess.lengths[b]), t1 - t0, t2 - t1))
+        return res
+
+    def _generate_device(self, sess: Session, first, key, knobs, stop_ids, max_new, gb):
+        n_stop = bucket_size(max(len(stop_ids), 1), 8)
+        stops = np.full((n_stop,), -1, np.int32)
+        stops[:len(stop_ids)] = stop_ids
+        fn = sess.engine._loop_jit(sess.state, gb, False)
+        args = (first, self.put(sess.lengths), key, *knobs, jnp.asarray(stops), jnp.int32(max_new))
+        with memory_mod.explain_oom("decode", fn, self.params, sess.state, *args):
+            toks, n, reason, state, _ = fn(self.params, sess.state, *args)
+        sess.state = state
+        toks, n, reason = np.asarray(toks), np.asarray(n), np.asarray(reason)
+        out = [toks[b, :n[b]].tolist() for b in range(len(n))]
+        return out, [decode_mod.STOP_REASONS.get(int(r), "length") for r in reason]
+
+    def _generate_host(self, sess: Session, first, key, s: SamplingConfig, stop_ids: set, max_new: int,
+                       stop_strings, on_text):
+        tok = self.lm.tokenizer
+        B = len(sess.lengths)
         out = [[] for _ in range(B)]
         texts = [""] * B
-        reason = [None] * B
-        step = self.step_fn(state)
-        params = self.params
-        t_arr, k_arr, p_arr = jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p)
+        reason: list = [None] * B
+        track_text = tok is not None and (on_text is not None or bool(stop_strings))
+        cur = np.asarray(first)
         for i in range(max_new):
             for b in range(B):
                 if reason[b] is not None:
@@ -319,9 +486,9 @@ class Engine:
                     reason[b] = "stop_id"
                     continue
                 out[b].append(t)
-                if tok is not None and (on_text or gen.stop_strings):
+                if track_text:
                     new_text = tok.decode(out[b], skip_special_tokens=True)
-                    hit = next((ss for ss in gen.stop_strings if ss in new_text), None)
+                    hit = next((ss for ss in stop_strings if ss in new_text), None)
                     if hit is not None:
                         new_text = new_text[:new_text.index(hit)]
                         reason[b] = "stop_string"
@@ -332,21 +499,25 @@ class Engine:
                     reason[b] = "length"
             if all(r is not None for r in reason):
                 break
-            pos = self._put(lengths + i)
-            nxt, _, state = step(params, state, self._put(cur), pos, jax.random.fold_in(key, i + 1), t_arr, k_arr, p_arr)
-            cur = np.asarray(nxt)
-        t2 = time.perf_counter()
-        self.last_state = state
-        self.last_lengths = lengths
-        res = []
-        for b in range(B):
-            text = texts[b] if (tok is not None and (on_text or gen.stop_strings)) else (
-                tok.decode(out[b], skip_special_tokens=True) if tok is not None else "")
-            res.append(Generation(out[b], text, reason[b] or "length", int(lengths[b]), t1 - t0, t2 - t1))
-        return res
+            cur = np.asarray(sess.step(cur, key=jax.random.fold_in(key, i + 1), sampling=s).tokens)
+        reason = [r or "length" for r in reason]
+        if track_text:
+            return out, [(r, texts[b]) for b, r in enumerate(reason)]
+        return out, reason
+
+    @property
+    def last_state(self):
+        """The policy state after the last :meth:`generate` (for memory reports and inspection)."""
+        return None if self.last_session is None else self.last_session.state
 
     def memory_report(self, state=None, lengths=None) -> dict:
-        """Bytes per memory kind and component of the last (or given) policy state."""
-        state = state if state is not None else self.last_state
-        lengths = lengths if lengths is not None else self.last_lengths
+        """Bytes per memory kind and component of the last generation's (or the given) policy state."""
+        if state is None:
+            if self.last_session is None:
+                raise ValueError("no state yet: call generate() first or pass state and lengths")
+            state, lengths = self.last_session.state, self.last_session.lengths
         return self.policy.memory_report(state, lengths)
+
+
+__all__ = ["Engine", "Generation", "GenerationConfig", "MIN_GENERATION_BUCKET", "Session", "StepOut",
+           "generation_bucket"]

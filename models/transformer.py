@@ -135,12 +135,25 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
     return jnp.cos(ang), jnp.sin(ang)
 
 
+def _rotate(xf: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x·cos + rot(x)·sin`` in float32 with ``rot(x) = [-x2, x1]`` (rotate-half); cos/sin broadcast to x."""
+    h = xf.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
+    return xf * cos + rot * sin
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """RoPE, rotate-half (GPT-NeoX) convention. x ``[..., heads, D]``; cos/sin ``[..., D]`` broadcast over heads."""
-    xf = x.astype(jnp.float32)
-    h = x.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
-    return (xf * cos[..., None, :] + rot * sin[..., None, :]).astype(x.dtype)
+    return _rotate(x.astype(jnp.float32), cos[..., None, :], sin[..., None, :]).astype(x.dtype)
+
+
+def rope(cfg: ModelConfig, x: jax.Array, positions: jax.Array, *, inverse: bool = False, dtype=None) -> jax.Array:
+    """RoPE of rows ``x [..., D]`` at integer ``positions`` (broadcastable to ``x.shape[:-1]``), float32 tables and
+    arithmetic, result in ``dtype`` (default x's). ``inverse`` rotates by ``-p`` (post-RoPE -> pre-RoPE). The one
+    rotation every policy uses to re-apply or undo RoPE on cached keys (same numbers as :func:`apply_rope`)."""
+    cos, sin = rope_tables(cfg, positions)
+    out = _rotate(x.astype(jnp.float32), cos, -sin if inverse else sin)
+    return out.astype(dtype or x.dtype)
 
 
 def _mm(x, w):

@@ -47,7 +47,7 @@ def make_policy(name: str | Policy, **overrides) -> Policy:
 PRESETS: dict[str, tuple[str, dict]] = {
     # YAKV in the paper's GPU inference path (algorithms.md §3.2); plain "yakv" is the accuracy-eval path (§3.1).
     "yakv-serving": ("yakv", dict(prefix_budget=0.00625, sparse_budget=0.015625, local_budget=0.00625,
-                                  min_seqlen_to_prune=512, scoring="mean_dot", landmark_hadamard_group="token",
+                                  min_seqlen_to_prune=512, min_attended_tokens=512, scoring="mean_dot", landmark_hadamard_group="token",
                                   landmark_scale_dtype="bfloat16", store_format="fp8", keys_pre_rope=False)),
 }
 

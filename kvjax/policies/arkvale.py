@@ -1,5 +1,5 @@
 """``arkvale``: ArkVale (Chen et al., NeurIPS 2024) as the paper runs it (the authors' fork, algorithms.md §5, §9),
-plus the machinery the other sparse-offloading baselines share (``quest``, ``infinigen``, ``lrqk`` import it).
+and the page machinery Quest shares (digests, box bound, page selection).
 
 ArkVale splits the prompt's KV cache into pages of ``page_size = 16`` tokens. Every full page keeps a small
 **digest** of its keys on the device: the elementwise minimum and maximum of the page's post-RoPE keys (a
@@ -27,7 +27,7 @@ field          shape (per layer)                 meaning
 ``res_pos``    ``[B, R]`` int32                  prompt position of each resident row, -1 if empty
 ``buf_kv``     ``[B, Hkv, K·page, 2, D]`` device the recall buffer: the K pages fetched at the latest step
 ``buf_pages``  ``[B, Hkv, K]`` int32             page ids in the recall buffer (-1: empty or masked slot)
-``gen_k/v``    ``[B, Hkv, max_new, D]`` device   generated tokens
+``gen``        ``[B, Hkv, max_new, D]`` device   generated tokens (k, v: :class:`~kvjax.policies.common.GenSlots`)
 ``lengths``,   ``[B]`` int32                     prompt length, selected pages per sequence, first window page
 ``n_sel``, ``cand_end``
 =============  ================================  =============================================================
@@ -43,7 +43,7 @@ recompile.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -51,116 +51,13 @@ import numpy as np
 from flax import struct
 
 from ..attention import attend_rows
-from ..cache import write_token
+from ..cache import KV_AXES, SEQ_AXES, leaf
 from ..offload import BACKENDS, fetch_rows
-from .base import check_common, top_k, Policy, PolicyConfig
+from .base import DEFAULT_MIN_SEQLEN_TO_PRUNE, Policy, PolicyConfig, concrete
+from .common import (GenSlots, bcast_heads, budget_tokens, check_budget, check_common, check_int, dense_attend,
+                     layer_cond, length_table, pack_kv, take_rows, top_k)
 
 _HI = jax.lax.Precision.HIGHEST
-
-
-# ============================================================================= shared by the sparse baselines
-def check_budget(name: str, b: Any, allow_int: bool = True) -> None:
-    """Raise unless ``b`` is a float fraction of the prompt in [0, 1] or (``allow_int``) an int token count >= 0."""
-    if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}={b!r} must be a float fraction of the prompt in [0, 1] or an int token count")
-    if isinstance(b, (float, np.floating)):
-        if not 0.0 <= float(b) <= 1.0:
-            raise ValueError(f"{name}={b} as a fraction of the prompt must be in [0, 1]")
-    elif not allow_int:
-        raise TypeError(f"{name}={b!r} must be a float fraction in [0, 1]")
-    elif b < 0:
-        raise ValueError(f"{name}={b} tokens must be >= 0")
-
-
-def check_int(name: str, x: Any, lo: int, unit: str) -> None:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < lo:
-        raise ValueError(f"{name}={x!r} must be an integer >= {lo} {unit}")
-
-
-def budget_tokens(budget: float | int, n: int) -> int:
-    """Tokens of a budget for a prompt of ``n`` tokens: ``int(frac·n)`` (Python truncation, as the eval code) for a
-    float fraction, ``min(count, n)`` for an int token count (a count larger than the prompt keeps everything)."""
-    if isinstance(budget, (float, np.floating)):
-        return int(float(budget) * n)
-    return min(int(budget), n)
-
-
-def length_table(fn, Tb: int) -> jax.Array:
-    """int32 table ``[Tb + 1]`` of ``fn(n)`` for every prompt length n (exact Python integer arithmetic on the host;
-    indexed by the traced lengths inside jit)."""
-    return jnp.asarray(np.array([fn(n) for n in range(Tb + 1)], np.int32))
-
-
-def pack_kv(k: jax.Array, v: jax.Array) -> jax.Array:
-    """k, v ``[..., T, D]`` -> ``[..., T, 2, D]`` (one host row per token holds its key and value: one fetch)."""
-    return jnp.stack([k, v], axis=-2)
-
-
-def take_tokens(x: jax.Array, tok: jax.Array) -> jax.Array:
-    """x ``[B, H, T, *row]``, tok int ``[B, H, K]`` (in range) -> ``[B, H, K, *row]``."""
-    tok = tok.reshape(tok.shape + (1,) * (x.ndim - 3))
-    return jnp.take_along_axis(x, tok, axis=2, mode="promise_in_bounds")
-
-
-def fetch_prompt(store: jax.Array, layer, backend: str) -> jax.Array:
-    """Every prompt row of one layer, on the device: store ``[L, B, Hkv, Tb, *row]`` -> ``[B, Hkv, Tb, *row]``
-    (dense layers). ``chunk_slices`` moves one ``Tb``-token slice per (sequence, KV head)."""
-    B, H, Tb = store.shape[1:4]
-    if backend == "chunk_slices":
-        return fetch_rows(store, layer, jnp.zeros((B, H, 1), jnp.int32), backend="chunk_slices", chunk=Tb)
-    idx = jnp.broadcast_to(jnp.arange(Tb, dtype=jnp.int32), (B, H, Tb))
-    return fetch_rows(store, layer, idx, backend=backend)
-
-
-def append_generated(gen_k, gen_v, layer, k, v, pos, lengths):
-    """Write the new token's k, v ``[B, Hkv, D]`` into the generated-token slots ``pos - lengths`` (device)."""
-    slot = pos - lengths
-    return write_token(gen_k, layer, k, slot), write_token(gen_v, layer, v, slot)
-
-
-def generated_valid(pos, lengths, M: int) -> jax.Array:
-    """bool ``[B, M]``: generated slots written so far, the current token included."""
-    return jnp.arange(M)[None, :] <= (pos - lengths)[:, None]
-
-
-def bcast_heads(m: jax.Array, H: int) -> jax.Array:
-    """``[B, S]`` -> ``[B, H, S]``."""
-    return jnp.broadcast_to(m[:, None, :], (m.shape[0], H, m.shape[-1]))
-
-
-def attend_per_query_head(q, own_k, own_v, own_valid, shared_k, shared_v, shared_valid):
-    """Exact attention where each query head has its own selected rows plus rows shared by all heads.
-
-    q ``[B, H, D]``; own_k/v ``[B, Hkv, G, K, D]`` with own_valid ``[B, Hkv, G, K]`` (per query head h = kv·G + g);
-    shared_k/v ``[B, Hkv, S, D]`` with shared_valid ``[B, Hkv, S]``. The shared rows are broadcast to every head of
-    their group and the whole thing runs as one-query attention with G = 1 (:func:`kvjax.attention.attend_rows`).
-    """
-    B, Hkv, G, K, D = own_k.shape
-    S = shared_k.shape[2]
-
-    def cat(own, shared):
-        sh = jnp.broadcast_to(shared[:, :, None], (B, Hkv, G) + shared.shape[2:])
-        return jnp.concatenate([own, sh.astype(own.dtype)], axis=3).reshape((B, Hkv * G, K + S) + own.shape[4:])
-
-    return attend_rows(q, cat(own_k, shared_k), cat(own_v, shared_v), cat(own_valid, shared_valid))
-
-
-def dense_attend(q, store, layer, backend, lengths, gen_k, gen_v, gen_ok):
-    """Full attention of one layer: every prompt token (fetched from the store) and every generated token."""
-    rows = fetch_prompt(store, layer, backend)  # [B, Hkv, Tb, 2, D]
-    B, Hkv, Tb = rows.shape[:3]
-    p_ok = bcast_heads(jnp.arange(Tb)[None, :] < lengths[:, None], Hkv)
-    keys = jnp.concatenate([rows[..., 0, :].astype(gen_k.dtype), gen_k], axis=2)
-    vals = jnp.concatenate([rows[..., 1, :].astype(gen_v.dtype), gen_v], axis=2)
-    return attend_rows(q, keys, vals, jnp.concatenate([p_ok, bcast_heads(gen_ok, Hkv)], axis=2))
-
-
-def layer_cond(n_dense: int, layer, dense_fn, sparse_fn):
-    """``dense_fn()`` for layers below ``n_dense``, else ``sparse_fn()`` (a ``lax.cond`` on the traced layer;
-    both return pytrees of the same shapes). With ``n_dense == 0`` the sparse path is traced alone."""
-    if n_dense <= 0:
-        return sparse_fn()
-    return jax.lax.cond(layer < n_dense, dense_fn, sparse_fn)
 
 
 # ============================================================================= page digests (ArkVale, Quest)
@@ -209,6 +106,7 @@ class PageConfig(PolicyConfig):
     - ``dense_layers``: the first layers attend every token (fetched whole from host memory).
     - ``fetch_backend``: :data:`kvjax.offload.BACKENDS`; ``"chunk_slices"`` (one DMA per page) by default,
       ``"device"`` keeps the store on the device (the eval path's offloading simulation).
+    - ``min_seqlen_to_prune``: prompts of at most this many tokens are decoded exactly (full attention).
     """
 
     page_size: int = 16
@@ -217,6 +115,7 @@ class PageConfig(PolicyConfig):
     n_win_pages: int = 5
     dense_layers: int = 0
     fetch_backend: str = "chunk_slices"
+    min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
 
     def __post_init__(self):
         check_int("page_size", self.page_size, 1, "tokens")
@@ -227,6 +126,7 @@ class PageConfig(PolicyConfig):
         check_int("n_sink_pages", self.n_sink_pages, 0, "pages")
         check_int("n_win_pages", self.n_win_pages, 0, "pages")
         check_int("dense_layers", self.dense_layers, 0, "layers")
+        check_int("min_seqlen_to_prune", self.min_seqlen_to_prune, 0, "tokens")
         if self.fetch_backend not in BACKENDS:
             raise ValueError(f"fetch_backend={self.fetch_backend!r} must be one of {BACKENDS}")
 
@@ -235,18 +135,17 @@ class PageConfig(PolicyConfig):
 class PageState:
     """Layer-stacked state of the page policies (fields in the :mod:`kvjax.policies.arkvale` docstring)."""
 
-    kv_store: jax.Array
-    dmin: jax.Array
-    dmax: jax.Array
-    res_kv: jax.Array
-    res_pos: jax.Array
-    buf_kv: jax.Array
-    buf_pages: jax.Array
-    gen_k: jax.Array
-    gen_v: jax.Array
-    lengths: jax.Array
-    n_sel: jax.Array
-    cand_end: jax.Array
+    kv_store: jax.Array = leaf(*KV_AXES)
+    dmin: jax.Array = leaf(*KV_AXES)
+    dmax: jax.Array = leaf(*KV_AXES)
+    res_kv: jax.Array = leaf(*KV_AXES)
+    res_pos: jax.Array = leaf(*SEQ_AXES)
+    buf_kv: jax.Array = leaf(*KV_AXES)
+    buf_pages: jax.Array = leaf(*KV_AXES)
+    gen: GenSlots = leaf(*KV_AXES)
+    lengths: jax.Array = leaf(*SEQ_AXES)
+    n_sel: jax.Array = leaf(*SEQ_AXES)
+    cand_end: jax.Array = leaf(*SEQ_AXES)
 
 
 class PagePolicy(Policy):
@@ -259,6 +158,7 @@ class PagePolicy(Policy):
     fetched_rows_in_state = True  # the recall buffer of attended rows is part of the state
     config_class = PageConfig
     budget_knob: ClassVar[str] = "budget"
+    offloaded_fields = ("kv_store",)
 
     # -- budget rule
     def selected_pages(self, n: int) -> int:
@@ -266,17 +166,13 @@ class PagePolicy(Policy):
         raise NotImplementedError
 
     @property
-    def host_fields(self) -> tuple[str, ...]:
-        return () if self.config.fetch_backend == "device" else ("kv_store",)
-
-    @property
     def fixed_fields(self) -> tuple[str, ...]:
-        fixed = ["res_kv", "res_pos", "gen_k", "gen_v", "lengths", "n_sel", "cand_end"]
+        fixed = ["res_kv", "res_pos", "gen", "lengths", "n_sel", "cand_end"]
         if not isinstance(self.config.budget, (float, np.floating)):
             fixed += ["buf_kv", "buf_pages"]
         return tuple(fixed)
 
-    def static_sizes(self, mcfg, Tb: int, max_new: int = 0) -> dict:
+    def static_sizes(self, mcfg, Tb: int, max_new: int) -> dict:
         """Static sizes for a prompt bucket of ``Tb`` tokens: ``NP`` pages, ``K`` selected-page slots (the largest
         page count of the bucket), ``R`` resident (sink + window) token slots."""
         cfg = self.config
@@ -285,12 +181,26 @@ class PagePolicy(Policy):
         R = min((cfg.n_sink_pages + cfg.n_win_pages) * cfg.page_size, Tb)
         return {"NP": NP, "K": K, "R": R}
 
-    def static_key(self, lengths, max_new):
-        """Every shape follows from (batch, prompt bucket, ``max_new``, config), which the engine keys on already."""
-        return ()
-
     def validate(self, mcfg, lengths, max_new):
         check_common(mcfg, lengths, max_new, self.config.dense_layers)
+
+    def can_prune(self, mcfg, T: int) -> bool:
+        """Some candidate page (not sink, not window) is left out: the selected pages do not cover them all."""
+        ps, cfg = self.config.page_size, self.config
+        n_pages = -(-T // ps)
+        candidates = max(n_pages - cfg.n_win_pages, cfg.n_sink_pages) - cfg.n_sink_pages
+        return candidates > self.selected_pages(T)
+
+    def tokens_fetched(self, state):
+        n_sel = concrete(state.n_sel)
+        if n_sel is None or not self.host_fields:
+            return None
+        tok = n_sel.astype(np.int64) * self.config.page_size
+        dense = np.arange(tok.shape[0]) < self.config.dense_layers  # dense layers fetch the whole prompt bucket
+        return np.where(dense[:, None], state.kv_store.shape[3], tok)
+
+    def fetch_bucket_tokens(self, Tb: int) -> int:
+        return self.static_sizes(None, Tb, 1)["K"] * self.config.page_size
 
     # -- prefill
     def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None):
@@ -316,11 +226,10 @@ class PagePolicy(Policy):
         tok = jnp.broadcast_to(jnp.clip(pos, 0, Tb - 1)[:, None, :], (B, Hkv, R))
         kv = pack_kv(k, v)
         dmin, dmax = page_digests(k, n, ps)
-        gen = jnp.zeros((B, Hkv, max_new, D), k.dtype)
         return PageState(
-            kv_store=kv, dmin=dmin, dmax=dmax, res_kv=take_tokens(kv, tok), res_pos=res_pos,
+            kv_store=kv, dmin=dmin, dmax=dmax, res_kv=take_rows(kv, tok), res_pos=res_pos,
             buf_kv=jnp.zeros((B, Hkv, K * ps, 2, D), k.dtype), buf_pages=jnp.full((B, Hkv, K), -1, jnp.int32),
-            gen_k=gen, gen_v=gen, lengths=n, n_sel=n_sel, cand_end=cand_end)
+            gen=GenSlots.zeros(B, Hkv, max_new, D, k.dtype), lengths=n, n_sel=n_sel, cand_end=cand_end)
 
     # -- decode
     def page_scores(self, q, dmin, dmax) -> jax.Array:
@@ -348,31 +257,30 @@ class PagePolicy(Policy):
     def decode(self, mcfg, st: PageState, layer, q, k_pre, k, v, pos, h=None):
         cfg, ps = self.config, self.config.page_size
         n = st.lengths[layer]
-        gen_k, gen_v = append_generated(st.gen_k, st.gen_v, layer, k, v, pos, n)
+        gen = st.gen.append(layer, k, v, pos, n)
         B, Hkv = k.shape[:2]
-        M = gen_k.shape[3]
-        gen_ok = generated_valid(pos, n, M)
+        gen_ok = gen.valid(pos, n)
         K = st.buf_pages.shape[-1]
 
         def sparse():
             ids, ok = self.select_pages(mcfg, st, layer, q)
             rows = fetch_rows(st.kv_store, layer, ids * ps, backend=cfg.fetch_backend, chunk=ps)  # [B,Hkv,K·ps,2,D]
             res = st.res_kv[layer]
-            dt = gen_k.dtype
-            keys = jnp.concatenate([res[..., 0, :], rows[..., 0, :].astype(dt), gen_k[layer]], axis=2)
-            vals = jnp.concatenate([res[..., 1, :], rows[..., 1, :].astype(dt), gen_v[layer]], axis=2)
+            dt = gen.k.dtype
+            keys = jnp.concatenate([res[..., 0, :], rows[..., 0, :].astype(dt), gen.k[layer]], axis=2)
+            vals = jnp.concatenate([res[..., 1, :], rows[..., 1, :].astype(dt), gen.v[layer]], axis=2)
             valid = jnp.concatenate([bcast_heads(st.res_pos[layer] >= 0, Hkv), jnp.repeat(ok, ps, axis=2),
                                      bcast_heads(gen_ok, Hkv)], axis=2)
             out = attend_rows(q, keys, vals, valid)
             return out, rows.astype(st.buf_kv.dtype), jnp.where(ok, ids, -1)
 
         def dense():
-            out = dense_attend(q, st.kv_store, layer, cfg.fetch_backend, n, gen_k[layer], gen_v[layer], gen_ok)
+            out = dense_attend(q, st.kv_store, layer, cfg.fetch_backend, n, gen, gen_ok)
             return (out, jnp.zeros(st.buf_kv.shape[1:], st.buf_kv.dtype),
                     jnp.full((B, Hkv, K), -1, jnp.int32))
 
         out, rows, pages = layer_cond(cfg.dense_layers, layer, dense, sparse)
-        st = st.replace(gen_k=gen_k, gen_v=gen_v, buf_kv=st.buf_kv.at[layer].set(rows),
+        st = st.replace(gen=gen, buf_kv=st.buf_kv.at[layer].set(rows),
                         buf_pages=st.buf_pages.at[layer].set(pages))
         return out, st
 
@@ -416,5 +324,4 @@ class ArkValePolicy(PagePolicy):
         return max(1, -(-budget_tokens(self.config.budget, n) // ps))
 
 
-__all__ = ["ArkValeConfig", "ArkValePolicy", "PageConfig", "PagePolicy", "PageState", "page_bound", "page_digests",
-           "budget_tokens", "check_budget"]
+__all__ = ["ArkValeConfig", "ArkValePolicy", "PageConfig", "PagePolicy", "PageState", "page_bound", "page_digests"]

@@ -21,6 +21,7 @@ class FullPolicy(Policy):
     name = "full"
     config_class = FullConfig
     budget_knob = None
+    prunes = False
 
     def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None):
         pad = [(0, 0), (0, 0), (0, max_new), (0, 0)]

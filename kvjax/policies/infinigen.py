@@ -36,7 +36,7 @@ The decode step has no access to the model weights, so ``W_q`` (and Qwen3's ``q_
 (``wq``); a real deployment uses the resident weights, so :meth:`memory_report` excludes that copy and reports it
 under ``"excluded"``.
 
-State of one layer (``[L]`` added by the engine; K = selected-token slots per query head):
+State of one layer (``[L]`` added by the prefill's layer scan; K = selected-token slots per query head):
 
 =============  ================================  =============================================================
 ``kv_store``   ``[B, Hkv, Tb, 2, D]`` **host**   prompt keys and values
@@ -46,7 +46,7 @@ State of one layer (``[L]`` added by the engine; K = selected-token slots per qu
 ``h_stash``    ``[B, d]`` device                 this layer's normalised input at the latest step
 ``buf_kv``     ``[B, Hkv, G·K, 2, D]`` device    recall buffer: the rows attended at the latest step
 ``buf_pos``    ``[B, Hkv, G·K]`` int32           their positions (-1: unused slot)
-``gen_k/v``    ``[B, Hkv, max_new, D]`` device   generated tokens
+``gen``        ``[B, Hkv, max_new, D]`` device   generated tokens (:class:`~kvjax.policies.common.GenSlots`)
 ``lengths``    ``[B]`` int32                     prompt lengths
 =============  ================================  =============================================================
 """
@@ -63,11 +63,13 @@ from flax import struct
 
 from models.transformer import apply_rope, rms_norm, rope_tables
 
+from .. import prefill as prefill_mod
 from ..attention import attend_rows
+from ..cache import KV_AXES, SEQ_AXES, leaf
 from ..offload import BACKENDS, fetch_rows
-from .arkvale import (append_generated, budget_tokens, check_budget, check_int, dense_attend, generated_valid,
-                      layer_cond, length_table, pack_kv, take_tokens)
-from .base import check_common, top_k, Policy, PolicyConfig, bucket_size
+from .base import DEFAULT_MIN_SEQLEN_TO_PRUNE, Policy, PolicyConfig, bucket_size, concrete
+from .common import (GenSlots, budget_tokens, check_budget, check_common, check_int, dense_attend, layer_cond,
+                     length_table, pack_kv, take_rows, top_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,7 @@ class InfiniGenConfig(PolicyConfig):
     - ``calibration_ids`` / ``calibration_len`` / ``calibration_seed``: the calibration prompt for the skewing
       matrices (token ids; or that many uniform random ids with that seed). InfiniGen used 2048 tokens of PG-19.
     - ``fetch_backend``: :data:`kvjax.offload.BACKENDS` (token rows: ``host_gather`` by default).
+    - ``min_seqlen_to_prune``: prompts of at most this many tokens are decoded exactly (full attention).
     """
 
     budget: float | int = 0.2
@@ -90,9 +93,11 @@ class InfiniGenConfig(PolicyConfig):
     calibration_len: int = 1024
     calibration_seed: int = 0
     fetch_backend: str = "host_gather"
+    min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
 
     def __post_init__(self):
         check_budget("budget", self.budget)
+        check_int("min_seqlen_to_prune", self.min_seqlen_to_prune, 0, "tokens")
         if not isinstance(self.partial_ratio, (float, int)) or not 0.0 < float(self.partial_ratio) <= 1.0:
             raise ValueError(f"partial_ratio={self.partial_ratio!r} must be a fraction of the head dim in (0, 1]")
         check_int("dense_layers", self.dense_layers, 1, "layers (layer 0 has no previous layer to speculate from)")
@@ -109,17 +114,16 @@ class InfiniGenConfig(PolicyConfig):
 class InfiniGenState:
     """Layer-stacked InfiniGen state (fields in the module docstring)."""
 
-    kv_store: jax.Array
-    pk: jax.Array
-    skew: jax.Array
-    wq: jax.Array
-    q_norm: jax.Array
-    h_stash: jax.Array
-    buf_kv: jax.Array
-    buf_pos: jax.Array
-    gen_k: jax.Array
-    gen_v: jax.Array
-    lengths: jax.Array
+    kv_store: jax.Array = leaf(*KV_AXES)
+    pk: jax.Array = leaf(*KV_AXES)
+    skew: jax.Array = leaf("layers", "kv_heads")
+    wq: jax.Array = leaf("layers")
+    q_norm: jax.Array = leaf("layers")
+    h_stash: jax.Array = leaf(*SEQ_AXES)
+    buf_kv: jax.Array = leaf(*KV_AXES)
+    buf_pos: jax.Array = leaf(*KV_AXES)
+    gen: GenSlots = leaf(*KV_AXES)
+    lengths: jax.Array = leaf(*SEQ_AXES)
 
 
 # ----------------------------------------------------------------------------- offline skewing
@@ -147,15 +151,14 @@ def skewing_from_activations(q: np.ndarray, k: np.ndarray, group: int, nch: int)
 
 def calibration_activations(mcfg, params, ids: np.ndarray):
     """Exact prefill of one calibration prompt: post-RoPE q ``[L, H, T, D]`` and k ``[L, Hkv, T, D]`` (numpy)."""
-    from ..engine import prefill_pure  # the engine imports the policies: import here
-
     T = int(ids.shape[0])
     Tb = bucket_size(T, 16)
     chunk = min(Tb, 512)
     toks = np.zeros((1, Tb), np.int32)
     toks[0, :T] = ids
-    fn = jax.jit(lambda p, t, n: prefill_pure(p, mcfg, t, n, chunk, keep_q=True))
-    _, kv = fn(params, jnp.asarray(toks), jnp.asarray([T], jnp.int32))
+    capture = prefill_mod.DenseCapture(queries=True)
+    fn = jax.jit(lambda p, t, n: prefill_mod.prefill(p, mcfg, (capture,), t, n, (None,), max_new=1, chunk=chunk))
+    _, (kv,) = fn(params, jnp.asarray(toks), jnp.asarray([T], jnp.int32))
     q = np.asarray(kv.q[:, 0, :, :T], np.float64)
     k = np.asarray(kv.k[:, 0, :, :T], np.float64)
     return q, k
@@ -181,14 +184,11 @@ class InfiniGenPolicy(Policy):
     fetched_rows_in_state = True  # the recall buffer of attended rows is part of the state
     config_class = InfiniGenConfig
     budget_knob: ClassVar[str] = "budget"
-
-    @property
-    def host_fields(self) -> tuple[str, ...]:
-        return () if self.config.fetch_backend == "device" else ("kv_store",)
+    offloaded_fields = ("kv_store",)
 
     @property
     def fixed_fields(self) -> tuple[str, ...]:
-        fixed = ["skew", "wq", "q_norm", "h_stash", "gen_k", "gen_v", "lengths"]
+        fixed = ["skew", "wq", "q_norm", "h_stash", "gen", "lengths"]
         if not isinstance(self.config.budget, (float, np.floating)):
             fixed += ["buf_kv", "buf_pos"]
         return tuple(fixed)
@@ -204,11 +204,20 @@ class InfiniGenPolicy(Policy):
         """``nch`` partial channels and ``K`` selected-token slots per query head (the largest over the bucket)."""
         return {"nch": self.n_channels(mcfg.head_dim), "K": self.selected_tokens(Tb + max_new)}
 
-    def static_key(self, lengths, max_new):
-        return ()
-
     def validate(self, mcfg, lengths, max_new):
         check_common(mcfg, lengths, max_new, self.config.dense_layers)
+
+    def can_prune(self, mcfg, T: int) -> bool:
+        """The budget leaves some of the ``T + 1`` tokens of the first decode step out."""
+        return self.selected_tokens(T + 1) < T + 1
+
+    def tokens_fetched(self, state):
+        if concrete(state.lengths) is None or not self.host_fields:
+            return None
+        L, B = state.lengths.shape
+        Tb = state.kv_store.shape[3]
+        rows = np.where(np.arange(L) < self.config.dense_layers, Tb, state.buf_pos.shape[-1])  # G·K per KV head
+        return np.broadcast_to(rows[:, None], (L, B))
 
     # -- offline
     def calibration_ids(self, mcfg) -> np.ndarray:
@@ -254,13 +263,12 @@ class InfiniGenPolicy(Policy):
         K = self.static_sizes(mcfg, Tb, max_new)["K"]
         skew = extra["skew"].astype(k.dtype)
         pk = jnp.einsum("bhtd,hdc->bhtc", k, skew, preferred_element_type=jnp.float32).astype(k.dtype)
-        gen = jnp.zeros((B, Hkv, max_new, D), k.dtype)
         return InfiniGenState(
             kv_store=pack_kv(k, v), pk=pk, skew=skew,
             wq=extra["wq"].astype(k.dtype), q_norm=extra["q_norm"].astype(k.dtype),
             h_stash=jnp.zeros((B, mcfg.hidden_size), k.dtype),
             buf_kv=jnp.zeros((B, Hkv, G * K, 2, D), k.dtype), buf_pos=jnp.full((B, Hkv, G * K), -1, jnp.int32),
-            gen_k=gen, gen_v=gen, lengths=lengths.astype(jnp.int32))
+            gen=GenSlots.zeros(B, Hkv, max_new, D, k.dtype), lengths=lengths.astype(jnp.int32))
 
     # -- decode
     def speculative_query(self, mcfg, st: InfiniGenState, layer, h_prev, pos) -> jax.Array:
@@ -294,7 +302,7 @@ class InfiniGenPolicy(Policy):
         K = st.buf_pos.shape[-1] // mcfg.group_size
         n = st.lengths[layer]
         s = self.speculative_scores(mcfg, st, layer, self.speculative_query(mcfg, st, layer, h_prev, pos), gen_k)
-        valid = jnp.concatenate([jnp.arange(Tb)[None, :] < n[:, None], generated_valid(pos, n, M)], axis=1)
+        valid = jnp.concatenate([jnp.arange(Tb)[None, :] < n[:, None], jnp.arange(M)[None, :] <= (pos - n)[:, None]], axis=1)
         s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
         vals, ids = top_k(s, K)
         k_t = length_table(self.selected_tokens, Tb + M)[pos + 1]  # budget at the current length S = pos + 1
@@ -306,20 +314,20 @@ class InfiniGenPolicy(Policy):
             raise ValueError("infinigen decode needs the layer's normalised input h (the engine passes it)")
         cfg = self.config
         n = st.lengths[layer]
-        gen_k, gen_v = append_generated(st.gen_k, st.gen_v, layer, k, v, pos, n)
+        gen = st.gen.append(layer, k, v, pos, n)
         h_prev = st.h_stash[jnp.maximum(layer - 1, 0)]
         B, Hkv, D = k.shape
         G = mcfg.group_size
-        Tb, M = st.pk.shape[3], gen_k.shape[3]
+        Tb, M = st.pk.shape[3], gen.size
         GK = st.buf_pos.shape[-1]
-        gen_ok = generated_valid(pos, n, M)
+        gen_ok = gen.valid(pos, n)
 
         def sparse():
-            ids, ok = self.select_tokens(mcfg, st, layer, h_prev, pos, gen_k[layer])
+            ids, ok = self.select_tokens(mcfg, st, layer, h_prev, pos, gen.k[layer])
             ids, ok = ids.reshape(B, Hkv, GK), ok.reshape(B, Hkv, GK)
             is_gen = ids >= Tb
             rows_p = fetch_rows(st.kv_store, layer, jnp.where(is_gen, 0, ids), backend=cfg.fetch_backend)
-            rows_g = take_tokens(pack_kv(gen_k[layer], gen_v[layer]), jnp.clip(ids - Tb, 0, M - 1))
+            rows_g = take_rows(pack_kv(gen.k[layer], gen.v[layer]), jnp.clip(ids - Tb, 0, M - 1))
             rows = jnp.where(is_gen[..., None, None], rows_g, rows_p.astype(rows_g.dtype))
             kk = rows[..., 0, :].reshape(B, Hkv * G, GK // G, D)
             vv = rows[..., 1, :].reshape(B, Hkv * G, GK // G, D)
@@ -328,11 +336,11 @@ class InfiniGenPolicy(Policy):
             return out, rows.astype(st.buf_kv.dtype), jnp.where(ok, abs_pos, -1)
 
         def dense():
-            out = dense_attend(q, st.kv_store, layer, cfg.fetch_backend, n, gen_k[layer], gen_v[layer], gen_ok)
+            out = dense_attend(q, st.kv_store, layer, cfg.fetch_backend, n, gen, gen_ok)
             return out, jnp.zeros(st.buf_kv.shape[1:], st.buf_kv.dtype), jnp.full((B, Hkv, GK), -1, jnp.int32)
 
         out, rows, bpos = layer_cond(cfg.dense_layers, layer, dense, sparse)
-        st = st.replace(gen_k=gen_k, gen_v=gen_v, h_stash=st.h_stash.at[layer].set(h.astype(st.h_stash.dtype)),
+        st = st.replace(gen=gen, h_stash=st.h_stash.at[layer].set(h.astype(st.h_stash.dtype)),
                         buf_kv=st.buf_kv.at[layer].set(rows), buf_pos=st.buf_pos.at[layer].set(bpos))
         return out, st
 
@@ -344,7 +352,7 @@ class InfiniGenPolicy(Policy):
         step's decode of layer ``layer-1``; ``q`` is unused). Dense layers attend every prompt token."""
         B, Hkv, Tb = st.pk.shape[1:4]
         n = st.lengths[layer]
-        ids, ok = self.select_tokens(mcfg, st, layer, st.h_stash[jnp.maximum(layer - 1, 0)], pos, st.gen_k[layer])
+        ids, ok = self.select_tokens(mcfg, st, layer, st.h_stash[jnp.maximum(layer - 1, 0)], pos, st.gen.k[layer])
         ids, ok = ids.reshape(B, Hkv, -1), ok.reshape(B, Hkv, -1)
         ok = ok & (ids < Tb)
         bi = jnp.arange(B)[:, None, None]

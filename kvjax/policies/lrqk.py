@@ -27,7 +27,7 @@ GPU hit/miss cache only moves misses, which changes traffic, not results); a tin
 diagonal) keeps the r×r solves defined when a prompt has fewer than r tokens; the rank is clipped to the head dim
 (``min(rank, D)``: beyond D the factorisation is already exact), which matters only for tiny test models.
 
-State of one layer (``[L]`` added by the engine; K = selected-token slots per query head, W = lite window):
+State of one layer (``[L]`` added by the prefill's layer scan; K = selected-token slots per query head, W = lite window):
 
 =============  ================================  =============================================================
 ``kv_store``   ``[B, Hkv, Tb, 2, D]`` **host**   prompt keys and values
@@ -37,7 +37,7 @@ State of one layer (``[L]`` added by the engine; K = selected-token slots per qu
 ``win_pos``    ``[B, W]`` int32                  their positions (-1: empty slot)
 ``buf_kv``     ``[B, Hkv, G·K, 2, D]`` device    recall buffer: the selected rows of the latest step
 ``buf_idx``    ``[B, H, K]`` int32               their positions per query head (-1: unused slot)
-``gen_k/v``    ``[B, Hkv, max_new, D]`` device   generated tokens
+``gen``        ``[B, Hkv, max_new, D]`` device   generated tokens (:class:`~kvjax.policies.common.GenSlots`)
 ``lengths``,   ``[B]`` int32                     prompt length, selected tokens, first recent token
 ``n_sel``, ``cand_end``
 =============  ================================  =============================================================
@@ -52,10 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ..cache import KV_AXES, SEQ_AXES, leaf
 from ..offload import BACKENDS, fetch_rows
-from .arkvale import (append_generated, attend_per_query_head, bcast_heads, budget_tokens, check_budget, check_int,
-                      dense_attend, generated_valid, layer_cond, length_table, pack_kv, take_tokens)
-from .base import check_common, top_k, Policy, PolicyConfig
+from .base import DEFAULT_MIN_SEQLEN_TO_PRUNE, Policy, PolicyConfig, concrete
+from .common import (GenSlots, attend_per_query_head, bcast_heads, budget_tokens, check_budget, check_common,
+                     check_int, dense_attend, layer_cond, length_table, pack_kv, take_rows, top_k)
 
 _HI = jax.lax.Precision.HIGHEST
 DEFAULT_RANK = {"llama": 16, "qwen3": 32}
@@ -76,6 +77,7 @@ class LRQKConfig(PolicyConfig):
     - ``init``: ``"topcol"`` (the paper's), the only initialisation implemented.
     - ``dense_layers``: first layers with full attention (0: every layer sparse).
     - ``fetch_backend``: :data:`kvjax.offload.BACKENDS` (token rows: ``host_gather``).
+    - ``min_seqlen_to_prune``: prompts of at most this many tokens are decoded exactly (full attention).
     """
 
     rank: int | None = None
@@ -89,6 +91,7 @@ class LRQKConfig(PolicyConfig):
     init: str = "topcol"
     dense_layers: int = 0
     fetch_backend: str = "host_gather"
+    min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
 
     def __post_init__(self):
         if self.rank is not None:
@@ -98,6 +101,7 @@ class LRQKConfig(PolicyConfig):
         check_int("max_iters", self.max_iters, 1, "iterations")
         check_int("decode_iters", self.decode_iters, 1, "iterations")
         check_int("dense_layers", self.dense_layers, 0, "layers")
+        check_int("min_seqlen_to_prune", self.min_seqlen_to_prune, 0, "tokens")
         for name in ("tol", "lam", "lam_decode"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0:
@@ -112,19 +116,18 @@ class LRQKConfig(PolicyConfig):
 class LRQKState:
     """Layer-stacked LRQK state (fields in the module docstring)."""
 
-    kv_store: jax.Array
-    a_k: jax.Array
-    b_q: jax.Array
-    b_k: jax.Array
-    win_kv: jax.Array
-    win_pos: jax.Array
-    buf_kv: jax.Array
-    buf_idx: jax.Array
-    gen_k: jax.Array
-    gen_v: jax.Array
-    lengths: jax.Array
-    n_sel: jax.Array
-    cand_end: jax.Array
+    kv_store: jax.Array = leaf(*KV_AXES)
+    a_k: jax.Array = leaf("layers", "batch", "heads")
+    b_q: jax.Array = leaf("layers", "batch", "heads")
+    b_k: jax.Array = leaf("layers", "batch", "heads")
+    win_kv: jax.Array = leaf(*KV_AXES)
+    win_pos: jax.Array = leaf(*SEQ_AXES)
+    buf_kv: jax.Array = leaf(*KV_AXES)
+    buf_idx: jax.Array = leaf("layers", "batch", "heads")
+    gen: GenSlots = leaf(*KV_AXES)
+    lengths: jax.Array = leaf(*SEQ_AXES)
+    n_sel: jax.Array = leaf(*SEQ_AXES)
+    cand_end: jax.Array = leaf(*SEQ_AXES)
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -264,14 +267,11 @@ class LRQKPolicy(Policy):
     config_class = LRQKConfig
     needs_queries = True
     budget_knob: ClassVar[str] = "num_active"
-
-    @property
-    def host_fields(self) -> tuple[str, ...]:
-        return () if self.config.fetch_backend == "device" else ("kv_store",)
+    offloaded_fields = ("kv_store",)
 
     @property
     def fixed_fields(self) -> tuple[str, ...]:
-        fixed = ["b_q", "b_k", "win_kv", "win_pos", "gen_k", "gen_v", "lengths", "n_sel", "cand_end"]
+        fixed = ["b_q", "b_k", "win_kv", "win_pos", "gen", "lengths", "n_sel", "cand_end"]
         if not isinstance(self.config.num_active, (float, np.floating)):
             fixed += ["buf_kv", "buf_idx"]
         return tuple(fixed)
@@ -284,15 +284,24 @@ class LRQKPolicy(Policy):
     def selected_tokens(self, n: int) -> int:
         return max(1, budget_tokens(self.config.num_active, n))
 
-    def static_sizes(self, mcfg, Tb: int, max_new: int = 0) -> dict:
+    def static_sizes(self, mcfg, Tb: int, max_new: int) -> dict:
         """``r`` rank, ``K`` selected-token slots per query head (the largest over the bucket), ``W`` lite slots."""
         return {"r": self.rank(mcfg), "K": min(self.selected_tokens(Tb), Tb), "W": min(self.config.lite_tokens, Tb)}
 
-    def static_key(self, lengths, max_new):
-        return ()
-
     def validate(self, mcfg, lengths, max_new):
         check_common(mcfg, lengths, max_new, self.config.dense_layers)
+
+    def can_prune(self, mcfg, T: int) -> bool:
+        """Some prompt token outside the lite window is left out by the per-head selection."""
+        return self.selected_tokens(T) < max(T - self.config.lite_tokens, 0)
+
+    def tokens_fetched(self, state):
+        if concrete(state.lengths) is None or not self.host_fields:
+            return None
+        L, B = state.lengths.shape
+        rows = np.where(np.arange(L) < self.config.dense_layers, state.kv_store.shape[3],
+                        state.buf_kv.shape[3])  # G·K selected rows per KV head
+        return np.broadcast_to(rows[:, None], (L, B))
 
     # -- prefill
     def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None):
@@ -317,19 +326,18 @@ class LRQKPolicy(Policy):
         wpos = cand_end[:, None] + j[None, :]
         win_pos = jnp.where(wpos < n[:, None], wpos, -1)
         kv = pack_kv(k, v)
-        win_kv = take_tokens(kv, jnp.broadcast_to(jnp.clip(wpos, 0, Tb - 1)[:, None, :], (B, Hkv, W)))
+        win_kv = take_rows(kv, jnp.broadcast_to(jnp.clip(wpos, 0, Tb - 1)[:, None, :], (B, Hkv, W)))
 
         # initial active set, as the fork's prefill: scored by the last prompt query's coordinates
         last = jnp.clip(n - 1, 0, Tb - 1)
         hq0 = jnp.take_along_axis(A_Q, last[:, None, None, None], axis=2)[:, :, 0]  # [B, H, r]
         ids, ok = self._select(A_K, hq0, cand_end, n_sel, K)
-        rows = take_tokens(kv, ids.reshape(B, Hkv, G * K))
-        gen = jnp.zeros((B, Hkv, max_new, D), k.dtype)
+        rows = take_rows(kv, ids.reshape(B, Hkv, G * K))
         dt = k.dtype
         return LRQKState(
             kv_store=kv, a_k=A_K.astype(dt), b_q=B_Q.astype(dt), b_k=B_K.astype(dt),
             win_kv=win_kv, win_pos=win_pos, buf_kv=rows, buf_idx=jnp.where(ok, ids, -1),
-            gen_k=gen, gen_v=gen, lengths=n, n_sel=n_sel, cand_end=cand_end)
+            gen=GenSlots.zeros(B, Hkv, max_new, D, k.dtype), lengths=n, n_sel=n_sel, cand_end=cand_end)
 
     @staticmethod
     def _select(a_k, hq, cand_end, n_sel, K):
@@ -350,14 +358,13 @@ class LRQKPolicy(Policy):
     def decode(self, mcfg, st: LRQKState, layer, q, k_pre, k, v, pos, h=None):
         cfg = self.config
         n = st.lengths[layer]
-        gen_k, gen_v = append_generated(st.gen_k, st.gen_v, layer, k, v, pos, n)
+        gen = st.gen.append(layer, k, v, pos, n)
         B, Hkv, D = k.shape
         H = q.shape[1]
         G = H // Hkv
         K = st.buf_idx.shape[-1]
         W = st.win_pos.shape[-1]
-        M = gen_k.shape[3]
-        gen_ok = generated_valid(pos, n, M)
+        gen_ok = gen.valid(pos, n)
 
         def sparse():
             a_k = st.a_k[layer]
@@ -368,7 +375,7 @@ class LRQKPolicy(Policy):
             wpos = jnp.broadcast_to(st.win_pos[layer][:, None, :], (B, H, W))
             act_pos = jnp.concatenate([prev, wpos], axis=2)
             act_ok = act_pos >= 0
-            A_act = take_tokens(a_k, jnp.maximum(act_pos, 0))
+            A_act = take_rows(a_k, jnp.maximum(act_pos, 0))
             K_act = jnp.concatenate([k_prev, wk.astype(k_prev.dtype)], axis=2)
             hq, _, B_Q, B_K = lrqk_project(q, jnp.repeat(k, G, axis=1), st.b_q[layer], st.b_k[layer], K_act, A_act,
                                            act_ok, cfg.lam_decode, cfg.decode_iters)
@@ -376,19 +383,19 @@ class LRQKPolicy(Policy):
             rows = fetch_rows(st.kv_store, layer, ids.reshape(B, Hkv, G * K), backend=cfg.fetch_backend)
             rows = rows.astype(st.buf_kv.dtype)
             own = rows.reshape(B, Hkv, G, K, 2, D)
-            shared_k = jnp.concatenate([st.win_kv[layer][..., 0, :], gen_k[layer]], axis=2)
-            shared_v = jnp.concatenate([st.win_kv[layer][..., 1, :], gen_v[layer]], axis=2)
+            shared_k = jnp.concatenate([st.win_kv[layer][..., 0, :], gen.k[layer]], axis=2)
+            shared_v = jnp.concatenate([st.win_kv[layer][..., 1, :], gen.v[layer]], axis=2)
             shared_ok = jnp.concatenate([bcast_heads(st.win_pos[layer] >= 0, Hkv), bcast_heads(gen_ok, Hkv)], axis=2)
             out = attend_per_query_head(q, own[..., 0, :], own[..., 1, :], ok.reshape(B, Hkv, G, K),
                                         shared_k, shared_v, shared_ok)
             return (out, rows, jnp.where(ok, ids, -1), B_Q.astype(st.b_q.dtype), B_K.astype(st.b_k.dtype))
 
         def dense():
-            out = dense_attend(q, st.kv_store, layer, cfg.fetch_backend, n, gen_k[layer], gen_v[layer], gen_ok)
+            out = dense_attend(q, st.kv_store, layer, cfg.fetch_backend, n, gen, gen_ok)
             return (out, st.buf_kv[layer], st.buf_idx[layer], st.b_q[layer], st.b_k[layer])
 
         out, rows, idx, B_Q, B_K = layer_cond(cfg.dense_layers, layer, dense, sparse)
-        st = st.replace(gen_k=gen_k, gen_v=gen_v, buf_kv=st.buf_kv.at[layer].set(rows),
+        st = st.replace(gen=gen, buf_kv=st.buf_kv.at[layer].set(rows),
                         buf_idx=st.buf_idx.at[layer].set(idx), b_q=st.b_q.at[layer].set(B_Q),
                         b_k=st.b_k.at[layer].set(B_K))
         return out, st

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .arkvale import PageConfig, PagePolicy, budget_tokens
+from .arkvale import PageConfig, PagePolicy
+from .common import budget_tokens
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``shadowkv``: ShadowKV (Sun et al., 2024) as the paper evaluates it (algorithms.md §2, eval path ``ShadowKVCache``).
 
-What is kept, per layer and sequence (``[L]`` leading axis on every leaf, added by the engine's vmap):
+What is kept, per layer and sequence (``[L]`` leading axis on every leaf, added by the prefill's layer scan):
 
 =============  ===========================  ======================================================================
 field          shape (per layer)            meaning
@@ -12,7 +12,7 @@ field          shape (per layer)            meaning
 ``local_k/v``  ``[B, Hkv, Lw, D]`` device    exact local window (the last ``local + T mod c`` prompt tokens)
 ``out_ids``    ``[B, Hkv, O]`` device        outlier chunk ids (smallest min-cosine to their landmark)
 ``out_k/v``    ``[B, Hkv, O·c, D]`` device   exact keys/values of the outlier chunks
-``gen_k/v``    ``[B, Hkv, max_new, D]``      exact generated tokens (appended every step, never scored)
+``gen``        ``[B, Hkv, max_new, D]``      exact generated tokens (appended every step, never scored; GenSlots)
 ``v_store``    ``[B, Hkv, Tb, D]`` **host**  all prompt values (pinned_host; on device with ``fetch_backend="device"``)
 ``lengths``,   ``[B]`` int32                 prompt length, local-window start / length, outlier and selected chunks
 ``local_start``, ``local_len``, ``n_out``, ``n_sel``
@@ -49,12 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from models.transformer import rope_tables
+from models.transformer import rope
 
 from ..attention import attend_rows
-from ..cache import write_token
-from ..offload import BACKENDS, fetch_rows, place_on_host
-from .base import top_k, Policy, PolicyConfig, resolve_budget
+from ..cache import KV_AXES, SEQ_AXES, leaf
+from ..offload import BACKENDS, fetch_rows
+from .base import DEFAULT_MIN_SEQLEN_TO_PRUNE, Policy, PolicyConfig, concrete
+from .common import GenSlots, budget_tokens, check_int, is_fraction, take_rows, top_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +73,13 @@ class ShadowKVConfig(PolicyConfig):
       OpenCompass configs use 10240). A float is a fraction of the prompt T.
 
     Budgets given as a float in [0, 1] are fractions of each prompt: ``floor(floor(frac·T) / c)·c`` tokens
-    (:func:`kvjax.policies.base.resolve_budget`). Integer local/outlier budgets must be multiples of ``c``; an
+    (:func:`kvjax.policies.common.budget_tokens`). Integer local/outlier budgets must be multiples of ``c``; an
     integer sparse budget is rounded down to a multiple of ``c``.
     - ``fetch_backend``: how selected values come from host memory (:data:`kvjax.offload.BACKENDS`):
       ``"host_gather"`` (default), ``"chunk_slices"`` (one DMA per chunk), or ``"device"`` (values stay on the
       device: the eval path's offloading *simulation*).
+    - ``min_seqlen_to_prune``: prompts of at most this many tokens are decoded exactly (full attention), as are
+      prompts whose budgets leave nothing to prune.
     """
 
     rank: int = 160
@@ -85,8 +88,10 @@ class ShadowKVConfig(PolicyConfig):
     outlier_budget: int | float = 384
     sparse_budget: int | float = 2048
     fetch_backend: str = "host_gather"
+    min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
 
     def __post_init__(self):
+        check_int("min_seqlen_to_prune", self.min_seqlen_to_prune, 0, "tokens")
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
             raise ValueError(f"rank={self.rank!r} must be an integer >= 1 (singular vectors)")
         if (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer))
@@ -111,66 +116,28 @@ class ShadowKVConfig(PolicyConfig):
 class ShadowKVState:
     """Layer-stacked ShadowKV state (see the module docstring for every field's shape and placement)."""
 
-    u: jax.Array
-    sv: jax.Array
-    landmarks: jax.Array
-    lm_valid: jax.Array
-    local_k: jax.Array
-    local_v: jax.Array
-    out_ids: jax.Array
-    out_k: jax.Array
-    out_v: jax.Array
-    gen_k: jax.Array
-    gen_v: jax.Array
-    v_store: jax.Array
-    lengths: jax.Array
-    local_start: jax.Array
-    local_len: jax.Array
-    n_out: jax.Array
-    n_sel: jax.Array
+    u: jax.Array = leaf(*SEQ_AXES)
+    sv: jax.Array = leaf(*KV_AXES)
+    landmarks: jax.Array = leaf(*KV_AXES)
+    lm_valid: jax.Array = leaf(*KV_AXES)
+    local_k: jax.Array = leaf(*KV_AXES)
+    local_v: jax.Array = leaf(*KV_AXES)
+    out_ids: jax.Array = leaf(*KV_AXES)
+    out_k: jax.Array = leaf(*KV_AXES)
+    out_v: jax.Array = leaf(*KV_AXES)
+    gen: GenSlots = leaf(*KV_AXES)
+    v_store: jax.Array = leaf(*KV_AXES)
+    lengths: jax.Array = leaf(*SEQ_AXES)
+    local_start: jax.Array = leaf(*SEQ_AXES)
+    local_len: jax.Array = leaf(*SEQ_AXES)
+    n_out: jax.Array = leaf(*SEQ_AXES)
+    n_sel: jax.Array = leaf(*SEQ_AXES)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """``x·cos + rot(x)·sin`` in float32 (rotate-half convention, rot(x) = [-x2, x1]); cos/sin broadcast to x."""
-    xf = x.astype(jnp.float32)
-    h = x.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
-    return xf * cos + rot * sin
-
-
-def rope(mcfg, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """RoPE of ``x [..., T, D]`` at integer ``positions`` (broadcastable to ``[..., T]``); result in x's dtype."""
-    cos, sin = rope_tables(mcfg, positions)
-    return _rotate(x, cos, sin).astype(x.dtype)
-
-
 def unrope(mcfg, k: jax.Array, positions: jax.Array) -> jax.Array:
-    """Inverse RoPE: the pre-RoPE key from a post-RoPE key ``[..., T, D]`` (rotation by ``-p·θ``), float32.
-
-    ``RoPE(x, p) = x·cos + rot(x)·sin`` is a rotation of each (i, i+D/2) pair, so its inverse is
-    ``y·cos - rot(y)·sin``.
-    """
-    cos, sin = rope_tables(mcfg, positions)
-    return _rotate(k, cos, -sin)
-
-
-def _budget_tokens(budget, lengths: jax.Array, Tb: int, c: int) -> jax.Array:
-    """Per-sequence budget in tokens (traced int32 ``[B]``) with the §2.1 rule.
-
-    A float budget uses a float64 table over every length ``0..Tb`` built on the host, so ``int(frac·T)`` is
-    exactly Python's (an fp32 product on the device could round differently)."""
-    if isinstance(budget, (float, np.floating)):
-        table = (np.floor(float(budget) * np.arange(Tb + 1, dtype=np.float64)).astype(np.int64) // c) * c
-        return jnp.asarray(table.astype(np.int32))[lengths]
-    return jnp.full(lengths.shape, (int(budget) // c) * c, jnp.int32)
-
-
-def _static_tokens(budget, Tb: int, c: int) -> int:
-    """Upper bound of a budget over every prompt of length <= Tb (tokens, multiple of c, at most Tb)."""
-    if isinstance(budget, (float, np.floating)):
-        return (int(float(budget) * Tb) // c) * c
-    return min((int(budget) // c) * c, (Tb // c) * c)
+    """Inverse RoPE: the pre-RoPE key (float32) from a post-RoPE key ``[..., T, D]`` (rotation by ``-p·θ``)."""
+    return rope(mcfg, k, positions, inverse=True, dtype=jnp.float32)
 
 
 def _chunk_tokens(ids: jax.Array, c: int) -> jax.Array:
@@ -180,38 +147,36 @@ def _chunk_tokens(ids: jax.Array, c: int) -> jax.Array:
     return (ids[..., None] * c + jnp.arange(c, dtype=ids.dtype)).reshape(*ids.shape[:-1], ids.shape[-1] * c)
 
 
-def _take_rows(x: jax.Array, tok: jax.Array) -> jax.Array:
-    """x ``[B, H, T, D]``, tok int ``[B, H, K]`` -> ``[B, H, K, D]``."""
-    return jnp.take_along_axis(x, tok[..., None], axis=2, mode="promise_in_bounds")
-
-
 # ----------------------------------------------------------------------------- policy
 class ShadowKVPolicy(Policy):
     """ShadowKV: low-rank pre-RoPE keys + chunk landmarks + exact outliers/local window on device, values on host."""
 
     name = "shadowkv"
     config_class = ShadowKVConfig
-
-    @property
-    def host_fields(self) -> tuple[str, ...]:
-        return () if self.config.fetch_backend == "device" else ("v_store",)
+    offloaded_fields = ("v_store",)
 
     @property
     def fixed_fields(self) -> tuple[str, ...]:
         """Buffers that do not grow with the prompt: SV_r, generated slots, per-sequence counters, and the
         local/outlier buffers when those budgets are token counts (not fractions)."""
         cfg = self.config
-        fixed = ["sv", "gen_k", "gen_v", "lengths", "local_start", "local_len", "n_out", "n_sel"]
-        if not isinstance(cfg.local_budget, float):
+        fixed = ["sv", "gen", "lengths", "local_start", "local_len", "n_out", "n_sel"]
+        if not is_fraction(cfg.local_budget):
             fixed += ["local_k", "local_v"]
-        if not isinstance(cfg.outlier_budget, float):
+        if not is_fraction(cfg.outlier_budget):
             fixed += ["out_ids", "out_k", "out_v"]
         return tuple(fixed)
 
     # -- shapes
     def fetch_bucket_tokens(self, Tb: int) -> int:
         c = self.config.chunk_size
-        return min(_static_tokens(self.config.sparse_budget, Tb, c) // c, Tb // c) * c
+        return min(budget_tokens(self.config.sparse_budget, Tb, multiple=c) // c, Tb // c) * c
+
+    def tokens_fetched(self, state):
+        n_sel = concrete(state.n_sel)
+        if n_sel is None or not self.host_fields:
+            return None
+        return n_sel.astype(np.int64) * self.config.chunk_size
 
     def static_sizes(self, mcfg, Tb: int, max_new: int = 0) -> dict:
         """Static sizes for a prompt bucket of ``Tb`` tokens: ``r`` (SVD rank kept), ``NC`` (landmark slots),
@@ -219,75 +184,62 @@ class ShadowKVPolicy(Policy):
         cfg, c = self.config, self.config.chunk_size
         C = mcfg.num_kv_heads * mcfg.head_dim
         NC = Tb // c
-        local = _static_tokens(cfg.local_budget, Tb, c)
+        local = budget_tokens(cfg.local_budget, Tb, multiple=c)
         return {
             "r": min(cfg.rank, C, Tb),
             "NC": NC,
             "Lw": min(Tb, local + c - 1),
-            "O": min(_static_tokens(cfg.outlier_budget, Tb, c) // c, NC),
-            "K": min(_static_tokens(cfg.sparse_budget, Tb, c) // c, NC),
+            "O": min(budget_tokens(cfg.outlier_budget, Tb, multiple=c) // c, NC),
+            "K": min(budget_tokens(cfg.sparse_budget, Tb, multiple=c) // c, NC),
         }
 
-    def static_key(self, lengths, max_new):
-        """Every shape of the state follows from (batch, prompt bucket, ``max_new``, config), which the engine
-        already keys on, so no extra bucket is needed."""
-        return ()
+    def partition(self, T):
+        """The §2.2 partition of prompts of ``T`` tokens (int or numpy int array), in tokens / chunks: ``local``
+        window (incl. the ``T mod c`` remainder), ``n_chunks`` candidate chunks, ``outlier_chunks``, ``landmarks``
+        and ``select_chunks`` (top-k size). Budgets larger than what the prompt holds are capped (such prompts are
+        not pruned: :meth:`can_prune`)."""
+        cfg, c = self.config, self.config.chunk_size
+        T = np.asarray(T, np.int64)
+        loc = budget_tokens(cfg.local_budget, T, multiple=c)
+        n_chunks = T // c - loc // c
+        n_out = np.minimum(budget_tokens(cfg.outlier_budget, T, multiple=c) // c, n_chunks)
+        n_land = n_chunks - n_out
+        n_sel = np.minimum(budget_tokens(cfg.sparse_budget, T, multiple=c) // c, n_land)
+        out = {"T": T, "local": T - n_chunks * c, "n_chunks": n_chunks, "outlier_chunks": n_out,
+               "landmarks": n_land, "select_chunks": n_sel}
+        return {k: (int(v) if v.ndim == 0 else v) for k, v in out.items()}
 
     def per_sequence_budgets(self, lengths) -> list[dict]:
-        """Concrete token counts per sequence (the §2.2 partition), with clear errors for prompts that cannot
-        be served: ``local`` window (incl. the ``T mod c`` remainder), ``n_chunks`` candidate chunks,
-        ``outlier_chunks``, ``landmarks`` and ``select_chunks`` (top-k size)."""
-        cfg, c = self.config, self.config.chunk_size
-        out = []
-        for b, T in enumerate(np.asarray(lengths).reshape(-1).tolist()):
-            T = int(T)
-            where = f"(prompt {b} has {T} tokens)"
-            try:
-                loc = resolve_budget(cfg.local_budget, T, c, "local_budget")
-                outl = resolve_budget(cfg.outlier_budget, T, c, "outlier_budget")
-                sp = resolve_budget(cfg.sparse_budget, T, c, "sparse_budget")
-            except ValueError as e:
-                raise ValueError(f"{e} {where}") from None
-            n_chunks = T // c - loc // c
-            n_out = outl // c
-            if n_out > n_chunks:
-                raise ValueError(
-                    f"outlier_budget={cfg.outlier_budget!r} gives {n_out} chunks of {c} tokens, more than the "
-                    f"{n_chunks} chunks outside the local window of prompt {b} ({T} tokens, local_budget="
-                    f"{cfg.local_budget!r}); use at most {n_chunks * c} outlier tokens")
-            n_land = n_chunks - n_out
-            n_sel = sp // c
-            if n_sel > n_land:
-                raise ValueError(
-                    f"sparse_budget={cfg.sparse_budget!r} gives {n_sel} chunks ({n_sel * c} tokens), more than the "
-                    f"{n_land} landmark chunks of prompt {b} ({T} tokens = {T - n_chunks * c} local + "
-                    f"{n_out * c} outlier + {n_land * c} landmark tokens); use at most {n_land * c} tokens")
-            out.append({"T": T, "local": T - n_chunks * c, "n_chunks": n_chunks, "outlier_chunks": n_out,
-                        "landmarks": n_land, "select_chunks": n_sel})
-        return out
+        """:meth:`partition` of every prompt."""
+        return [self.partition(T) for T in np.asarray(lengths).reshape(-1).tolist()]
+
+    def can_prune(self, mcfg, T: int) -> bool:
+        """Some landmark chunk is left unselected (else every key would come from the low-rank factors for
+        nothing: such prompts decode exactly)."""
+        p = self.partition(T)
+        return p["select_chunks"] < p["landmarks"]
 
     def validate(self, mcfg, lengths, max_new):
         if max_new < 1:
             raise ValueError(f"max_new={max_new} generated-token slots must be >= 1")
         if mcfg.head_dim % 2:
             raise ValueError(f"head_dim={mcfg.head_dim} must be even for RoPE")
-        self.per_sequence_budgets(lengths)
 
     # -- prefill
     def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None):
         """One layer's state from its post-RoPE prefill keys/values ``[B, Hkv, Tb, D]`` (§2.2)."""
         cfg, c = self.config, self.config.chunk_size
         B, Hkv, Tb, D = k.shape
-        sz = self.static_sizes(mcfg, Tb)
+        sz = self.static_sizes(mcfg, Tb, max_new)
         r, NC, Lw, O, K = sz["r"], sz["NC"], sz["Lw"], sz["O"], sz["K"]
         dt = k.dtype
         lengths = lengths.astype(jnp.int32)
-        loc_tok = _budget_tokens(cfg.local_budget, lengths, Tb, c)
-        n_chunks = lengths // c - loc_tok // c
+        table = {k: jnp.asarray(v.astype(np.int32)) for k, v in self.partition(np.arange(Tb + 1)).items()}
+        n_chunks = table["n_chunks"][lengths]
         local_start = n_chunks * c
         local_len = lengths - local_start
-        n_out = _budget_tokens(cfg.outlier_budget, lengths, Tb, c) // c
-        n_sel = _budget_tokens(cfg.sparse_budget, lengths, Tb, c) // c
+        n_out = table["outlier_chunks"][lengths]
+        n_sel = table["select_chunks"][lengths]
         tpos = jnp.arange(Tb, dtype=jnp.int32)
         tok_valid = tpos[None, :] < lengths[:, None]  # [B, Tb]
 
@@ -333,14 +285,11 @@ class ShadowKVPolicy(Policy):
         ltok = jnp.minimum(local_start[:, None] + jnp.arange(Lw, dtype=jnp.int32)[None, :], Tb - 1)
         ltok = jnp.broadcast_to(ltok[:, None, :], (B, Hkv, Lw))
 
-        gen = jnp.zeros((B, Hkv, max_new, D), dt)
-        # explicit move to host memory: jit's out_shardings alone leave a device-typed aval (offload.place_on_host)
-        v_store = v if self.config.fetch_backend == "device" else place_on_host(v)
         return ShadowKVState(
             u=u, sv=sv, landmarks=landmarks, lm_valid=lm_valid,
-            local_k=_take_rows(k, ltok), local_v=_take_rows(v, ltok),
-            out_ids=out_ids, out_k=_take_rows(k, out_tok), out_v=_take_rows(v, out_tok),
-            gen_k=gen, gen_v=gen, v_store=v_store,
+            local_k=take_rows(k, ltok), local_v=take_rows(v, ltok),
+            out_ids=out_ids, out_k=take_rows(k, out_tok), out_v=take_rows(v, out_tok),
+            gen=GenSlots.zeros(B, Hkv, max_new, D, dt), v_store=v,
             lengths=lengths, local_start=local_start, local_len=local_len, n_out=n_out, n_sel=n_sel)
 
     # -- decode
@@ -354,7 +303,7 @@ class ShadowKVPolicy(Policy):
         valid = st.lm_valid[layer]
         n_sel = st.n_sel[layer]
         B, Hkv, NC, D = lm.shape
-        K = self.static_sizes(mcfg, st.v_store.shape[3])["K"]
+        K = self.static_sizes(mcfg, st.v_store.shape[3], 1)["K"]
         dt = lm.dtype
         qg = q.reshape(B, Hkv, -1, D).astype(dt)
         s = jnp.einsum("bhgd,bhnd->bhgn", qg, lm, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(D))
@@ -372,9 +321,8 @@ class ShadowKVPolicy(Policy):
     def decode(self, mcfg, st, layer, q, k_pre, k, v, pos, h=None):
         c = self.config.chunk_size
         T = st.lengths[layer]
-        gen_k = write_token(st.gen_k, layer, k, pos - T)
-        gen_v = write_token(st.gen_v, layer, v, pos - T)
-        st = st.replace(gen_k=gen_k, gen_v=gen_v)
+        gen = st.gen.append(layer, k, v, pos, T)
+        st = st.replace(gen=gen)
 
         ids, ok = self.select_chunks(mcfg, st, layer, q)
         tok = _chunk_tokens(ids, c)  # [B, Hkv, K·c] absolute prompt positions
@@ -392,13 +340,12 @@ class ShadowKVPolicy(Policy):
 
         B, Hkv = ids.shape[:2]
         Lw, O = st.local_k.shape[3], st.out_ids.shape[3]
-        G = gen_k.shape[3]
         loc_ok = jnp.arange(Lw)[None, :] < st.local_len[layer][:, None]
         out_ok = jnp.arange(O * c)[None, :] < (st.n_out[layer] * c)[:, None]
-        gen_ok = jnp.arange(G)[None, :] <= (pos - T)[:, None]
+        gen_ok = gen.valid(pos, T)
         bh = lambda m: jnp.broadcast_to(m[:, None, :], (B, Hkv, m.shape[-1]))  # noqa: E731
-        keys = jnp.concatenate([st.local_k[layer], st.out_k[layer], k_sel.astype(gen_k.dtype), gen_k[layer]], axis=2)
-        vals = jnp.concatenate([st.local_v[layer], st.out_v[layer], v_sel.astype(gen_v.dtype), gen_v[layer]], axis=2)
+        keys = jnp.concatenate([st.local_k[layer], st.out_k[layer], k_sel.astype(gen.k.dtype), gen.k[layer]], axis=2)
+        vals = jnp.concatenate([st.local_v[layer], st.out_v[layer], v_sel.astype(gen.v.dtype), gen.v[layer]], axis=2)
         valid = jnp.concatenate([bh(loc_ok), bh(out_ok), ok_tok, bh(gen_ok)], axis=2)
         return attend_rows(q, keys, vals, valid), st
 

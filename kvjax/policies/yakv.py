@@ -21,7 +21,8 @@ landmark HIGGS group        one head (D), fp32 scales             whole token (C
 offloaded keys              pre-RoPE, HIGGS d=2 n=256 (4 bit),    post-RoPE, fp8 e4m3
                             group C, quantize→dequantize
 offloaded values            HIGGS d=2 n=256, group C, qdq         fp8 e4m3
-no pruning when             T <= min_seqlen_to_prune = 0          T <= 512
+no pruning when             T <= 0 (authors) / 512 (kvjax)        T <= 512 (``min_seqlen_to_prune``)
+attended total raised to    -                                     >= 512 (``min_attended_tokens``)
 ==========================  ====================================  =========================================
 
 What to expect against the authors' code. With the defaults (the paper's EDEN grids, ``grids="paper"``) kvjax's
@@ -54,7 +55,10 @@ kvjax keeps its float32 internals. Each difference, on purpose:
 * Prompts that cannot be pruned (``T <= min_seqlen_to_prune``, or sinks + local + sparse covering the whole prompt)
   keep every prompt token exact on the device (``exact_fallback``) instead of reading all of them from the
   (quantized) store, so they decode exactly like full attention.
-* Budget rounding: the sparse budget uses :func:`kvjax.policies.base.resolve_budget` (Python ``int(frac*T)``, the eval
+* ``min_seqlen_to_prune`` defaults to 512 on the eval path too (the authors' eval code prunes every prompt): prompts
+  of at most 512 tokens decode exactly. None of the paper's prompts is that short, so no paper number changes; the
+  serving path's second use of that number (raising the attended total to 512) is ``min_attended_tokens``.
+* Budget rounding: the sparse budget uses :func:`kvjax.policies.common.budget_tokens` (Python ``int(frac*T)``, the eval
   path); sink/local fractions use the inference path's float32 ``ceil``.
 * A Hadamard group must be a power of two. ``store_hadamard_group="token"`` means ``C = Hkv·D`` when that is a power
   of two (every paper model: identical to the authors), else the largest power of two dividing ``C`` (SmolLM2-135M:
@@ -81,15 +85,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from models.transformer import rope_tables
+from models.transformer import rope
 
 from .. import offload
 from ..attention import attend_rows
-from ..cache import write_token
+from ..cache import KV_AXES, SEQ_AXES, leaf
 from ..quant import fp8_decode_bits, fp8_encode_bits, higgs_decode, higgs_encode, higgs_qdq, load_grid
 from ..quant.grids import available_grids, check_source
 from ..quant.higgs import HiggsCodes, HiggsConfig, code_bits
-from .base import top_k, Policy, PolicyConfig, bucket_size, resolve_budget
+from .base import DEFAULT_MIN_SEQLEN_TO_PRUNE, Policy, PolicyConfig, concrete
+from .common import GenSlots, budget_tokens, is_fraction, take_rows, top_k
 
 SCORINGS = ("softmax_max", "mean_dot")
 STORE_FORMATS = ("higgs_qdq", "higgs_packed", "fp8", "none")
@@ -109,8 +114,11 @@ class YakvConfig(PolicyConfig):
       local_budget: exact local window = the last prompt tokens (eval 64; serving 0.00625, ceil).
       sparse_budget: tokens selected per KV head, layer and step (eval 1/32 -> ``floor(T/32)``).
       prefix_budget: exact sink tokens at the start of the prompt (eval 0; serving 0.00625, ceil).
-      min_seqlen_to_prune: prompts of at most this many tokens are not pruned (eval 0, serving 512). For longer
-        prompts the attended total is raised to at least this many tokens (serving rule).
+      min_seqlen_to_prune: prompts of at most this many tokens are not pruned: they decode exactly (serving path:
+        512; the eval path prunes every prompt, but the paper's are far longer, so kvjax's default 512 keeps short
+        chat prompts exact without changing any of the paper's numbers).
+      min_attended_tokens: for pruned prompts, the attended total (sinks + selected + local) is raised to at least
+        this many tokens (serving rule, 512; eval 0).
       exact_fallback: prompts that cannot be pruned keep all their tokens exact on the device (True), or (False) a
         budget covering the whole prompt selects every landmark through the offloaded store.
       scoring: ``"softmax_max"`` (eval) or ``"mean_dot"`` (serving).
@@ -143,7 +151,8 @@ class YakvConfig(PolicyConfig):
     local_budget: float | int = 64
     sparse_budget: float | int = 0.015625 * 2
     prefix_budget: float | int = 0
-    min_seqlen_to_prune: int = 0
+    min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
+    min_attended_tokens: int = 0
     exact_fallback: bool = True
     scoring: str = "softmax_max"
     score_dtype: str = "bfloat16"
@@ -182,6 +191,7 @@ class YakvConfig(PolicyConfig):
             need(sum(fr) <= 1.0, f"prefix_budget + sparse_budget + local_budget = {sum(fr)} must be <= 1 "
                                  "(fractions of the prompt)")
         need(self.min_seqlen_to_prune >= 0, f"min_seqlen_to_prune={self.min_seqlen_to_prune} tokens must be >= 0")
+        need(self.min_attended_tokens >= 0, f"min_attended_tokens={self.min_attended_tokens} tokens must be >= 0")
         need(self.scoring in SCORINGS, f"scoring={self.scoring!r} must be one of {SCORINGS}")
         need(self.score_dtype in ("bfloat16", "float32"), f"score_dtype={self.score_dtype!r} must be "
                                                          "'bfloat16' or 'float32'")
@@ -247,7 +257,8 @@ class YakvState:
     Device:
       win_k, win_v: ``[L, B, Hkv, W, D]`` exact post-RoPE K/V of the sinks and the local window (all prompt tokens
         for prompts that are not pruned); win_pos int32 ``[L, B, W]``: their token positions, -1 = empty.
-      gen_k, gen_v: ``[L, B, Hkv, Ng, D]`` exact post-RoPE K/V of the generated tokens (slot ``p - T``).
+      gen: :class:`~kvjax.policies.common.GenSlots` ``[L, B, Hkv, Ng, D]`` exact post-RoPE K/V of the generated
+        tokens (slot ``p - T``).
       lm: unquantized landmarks ``[L, B, Hkv, NL, D]`` (``landmark_quant="none"``), else None.
       lm_codes / lm_scales: HIGGS landmarks: uint8 ``[L, B, Hkv, NL, D/d]`` / ``[L, B, Hkv, NL, D/G]`` (group within a
         head) or ``[L, B, NL, C/d]`` / ``[L, B, NL, C/G]`` (group spans heads); landmark ``m`` covers tokens
@@ -259,37 +270,22 @@ class YakvState:
         Keys are pre-RoPE when ``keys_pre_rope``.
     """
 
-    win_k: jax.Array
-    win_v: jax.Array
-    win_pos: jax.Array
-    gen_k: jax.Array
-    gen_v: jax.Array
-    lm: jax.Array | None
-    lm_codes: jax.Array | None
-    lm_scales: jax.Array | None
-    length: jax.Array
-    prefix: jax.Array
-    n_lm: jax.Array
-    n_sel: jax.Array
-    k_store: jax.Array
-    v_store: jax.Array
-    k_scales: jax.Array | None
-    v_scales: jax.Array | None
-
-
-def _ceil_tokens(budget, T: np.ndarray) -> np.ndarray:
-    """Sink / local tokens: float fraction -> float32 ``ceil(frac * T)`` (inference path); int -> the count."""
-    if isinstance(budget, (float, np.floating)):
-        return np.ceil(np.float32(budget) * T.astype(np.float32)).astype(np.int64)
-    return np.full_like(T, int(budget))
-
-
-def _floor_tokens(budget, T: np.ndarray) -> np.ndarray:
-    """Sparse tokens: float -> ``int(frac * T)`` in float64, the same IEEE product and truncation as
-    :func:`resolve_budget` (eval path); int -> the count."""
-    if isinstance(budget, (float, np.floating)):
-        return np.floor(np.float64(budget) * T.astype(np.float64)).astype(np.int64)
-    return np.full_like(T, int(budget))
+    win_k: jax.Array = leaf(*KV_AXES)
+    win_v: jax.Array = leaf(*KV_AXES)
+    win_pos: jax.Array = leaf(*SEQ_AXES)
+    gen: GenSlots = leaf(*KV_AXES)
+    lm: jax.Array | None = leaf(*KV_AXES)
+    # per head [L, B, Hkv, NL, D/d] or, for a Hadamard group spanning heads, per token [L, B, NL, C/d]
+    lm_codes: jax.Array | None = leaf(*KV_AXES, by_rank={4: SEQ_AXES})
+    lm_scales: jax.Array | None = leaf(*KV_AXES, by_rank={4: SEQ_AXES})
+    length: jax.Array = leaf(*SEQ_AXES)
+    prefix: jax.Array = leaf(*SEQ_AXES)
+    n_lm: jax.Array = leaf(*SEQ_AXES)
+    n_sel: jax.Array = leaf(*SEQ_AXES)
+    k_store: jax.Array = leaf(*KV_AXES)
+    v_store: jax.Array = leaf(*KV_AXES)
+    k_scales: jax.Array | None = leaf(*KV_AXES)
+    v_scales: jax.Array | None = leaf(*KV_AXES)
 
 
 @functools.lru_cache(maxsize=64)
@@ -301,22 +297,22 @@ def _plan_table(cfg: YakvConfig, Tb: int) -> dict:
 
         prefix = min(ceil(prefix_budget*T), T);  local = min(ceil(local_budget*T), T - prefix)
         infix = T - prefix - local;  local += infix mod c;  n_lm = (T - prefix - local) / c
-        n_sel = min(floor(sparse*T) // c, n_lm)   (raised so the total reaches min_seqlen_to_prune)
+        n_sel = min(floor(sparse*T) // c, n_lm)   (raised so the total reaches min_attended_tokens)
         not pruned (exact, all T tokens in the window) if T <= min_seqlen_to_prune, n_lm == 0, or
         (exact_fallback and n_sel == n_lm)
     """
     c = cfg.chunk_size
     T = np.arange(Tb + 1, dtype=np.int64)
-    prefix = np.minimum(_ceil_tokens(cfg.prefix_budget, T), T)
-    local = np.minimum(_ceil_tokens(cfg.local_budget, T), T - prefix)
+    prefix = budget_tokens(cfg.prefix_budget, T, rounding="ceil")
+    local = np.minimum(budget_tokens(cfg.local_budget, T, rounding="ceil"), T - prefix)
     infix = T - prefix - local
     local = local + infix % c
     n_lm = (T - prefix - local) // c
-    n_sel = np.minimum(_floor_tokens(cfg.sparse_budget, T) // c, n_lm)
-    if cfg.min_seqlen_to_prune > 0:
+    n_sel = np.minimum(budget_tokens(cfg.sparse_budget, T) // c, n_lm)
+    if cfg.min_attended_tokens > 0:
         total = prefix + n_sel * c + local
-        raise_ = (total < T) & (total < cfg.min_seqlen_to_prune)
-        n_sel = np.where(raise_, np.minimum(n_lm, np.maximum(cfg.min_seqlen_to_prune - prefix - local, 0) // c),
+        raise_ = (total < T) & (total < cfg.min_attended_tokens)
+        n_sel = np.where(raise_, np.minimum(n_lm, np.maximum(cfg.min_attended_tokens - prefix - local, 0) // c),
                          n_sel)
     fallback = (T <= cfg.min_seqlen_to_prune) | (n_lm == 0)
     if cfg.exact_fallback:
@@ -330,18 +326,6 @@ def _plan_table(cfg: YakvConfig, Tb: int) -> dict:
     return {"prefix": prefix.astype(np.int32), "local": local.astype(np.int32), "n_lm": n_lm.astype(np.int32),
             "n_sel": n_sel.astype(np.int32), "fallback": fallback, "W": W, "Kc": int(n_sel.max()),
             "NL": int(n_lm.max())}
-
-
-def _rope(x, pos, mcfg, inverse: bool = False):
-    """RoPE (rotate-half) of x ``[..., D]`` at integer positions ``pos`` (x.shape[:-1]); float32 math, x's dtype.
-    ``inverse`` rotates by ``-p`` (post-RoPE -> pre-RoPE)."""
-    cos, sin = rope_tables(mcfg, pos)
-    if inverse:
-        sin = -sin
-    xf = x.astype(jnp.float32)
-    h = x.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
-    return (xf * cos + rot * sin).astype(x.dtype)
 
 
 def score_landmarks(q, lm, n_lm, scoring: str = "softmax_max", score_dtype=jnp.bfloat16):
@@ -379,12 +363,9 @@ class YakvPolicy(Policy):
     config_class = YakvConfig
     config: YakvConfig
 
-    _HOST = ("k_store", "v_store", "k_scales", "v_scales")
-    _FIXED = ("gen_k", "gen_v", "length", "prefix", "n_lm", "n_sel")
-
-    @property
-    def host_fields(self) -> tuple[str, ...]:  # type: ignore[override]
-        return () if self.config.fetch_backend == "device" else self._HOST
+    offloaded_fields = ("k_store", "v_store", "k_scales", "v_scales")
+    mixes_exact_rows = True  # prompts it cannot prune keep every token in the exact window (``exact_fallback``)
+    _FIXED = ("gen", "length", "prefix", "n_lm", "n_sel")
 
     @property
     def fixed_fields(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -392,8 +373,7 @@ class YakvPolicy(Policy):
         prompt (sink and local budgets given in tokens: ``W`` is then a constant, at most
         ``max(min_seqlen_to_prune, prefix + local + chunk - 1)`` and the longest prompt that cannot be pruned)."""
         cfg = self.config
-        fixed_window = not isinstance(cfg.local_budget, (float, np.floating)) and \
-            not isinstance(cfg.prefix_budget, (float, np.floating))
+        fixed_window = not is_fraction(cfg.local_budget) and not is_fraction(cfg.prefix_budget)
         return self._FIXED + (("win_k", "win_v", "win_pos") if fixed_window else ())
 
     # ------------------------------------------------------------------ helpers
@@ -447,22 +427,22 @@ class YakvPolicy(Policy):
                 raise ValueError(f"store_d={cfg.store_d} must divide the store Hadamard group ({sg} values)")
             HiggsConfig(cfg.store_d, cfg.store_n, sg, cfg.store_scale_dtype)
             _check_grid_packaged(cfg.grids, cfg.store_d, cfg.store_n, "store")
-        for i, T in enumerate(lengths.tolist()):
-            if T <= cfg.min_seqlen_to_prune:
-                continue  # never pruned: decoded exactly, budgets do not apply
-            where = f" (prompt {i} has {T} tokens)"
-            for name in ("prefix_budget", "local_budget", "sparse_budget"):
-                b = getattr(cfg, name)
-                if not isinstance(b, (float, np.floating)) and b > T:
-                    raise ValueError(f"{name}={b} tokens exceeds the prompt length{where}; use a smaller budget, a "
-                                     f"fraction, or min_seqlen_to_prune >= {T} to decode such prompts exactly")
-            resolve_budget(cfg.sparse_budget, T, cfg.chunk_size, name="sparse_budget")
 
-    def static_key(self, lengths, max_new: int) -> tuple:
-        """The budget bucket (window slots, top-k chunks, landmark slots) of the power-of-two prompt bucket of the
-        longest prompt. State shapes are a function of the prompt bucket ``Tb`` (which the engine keys on too)."""
-        t = _plan_table(self.config, bucket_size(int(np.max(lengths))))
-        return ("yakv", t["W"], t["Kc"], t["NL"])
+    def can_prune(self, mcfg, T: int) -> bool:
+        """The plan for ``T`` tokens leaves landmarks unselected (else it is the exact fallback)."""
+        return not bool(_plan_table(self.config, int(T))["fallback"][int(T)])
+
+    def static_sizes(self, mcfg, Tb: int, max_new: int) -> dict:
+        """Window slots ``W``, top-k chunks ``Kc`` and landmark slots ``NL`` of a prompt bucket (the maxima of the
+        plan over every length ``<= Tb``)."""
+        t = _plan_table(self.config, Tb)
+        return {"W": t["W"], "Kc": t["Kc"], "NL": t["NL"]}
+
+    def tokens_fetched(self, state):
+        n_sel = concrete(state.n_sel)
+        if n_sel is None or not self.host_fields:
+            return None
+        return n_sel.astype(np.int64) * self.config.chunk_size
 
     def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None) -> YakvState:
         """One layer's state from the exact prefill K/V (k post-RoPE, v: ``[B, Hkv, Tb, D]``)."""
@@ -480,8 +460,7 @@ class YakvPolicy(Policy):
         n_sel = jnp.asarray(tbl["n_sel"])[Tc]
 
         def gather_tokens(x, tok):  # x [B, Hkv, Tb, D], tok [B, N] -> [B, Hkv, N, D]
-            t = jnp.clip(tok, 0, Tb - 1)[:, None, :, None]
-            return jnp.take_along_axis(x, t, axis=2, mode="promise_in_bounds")
+            return take_rows(x, jnp.broadcast_to(jnp.clip(tok, 0, Tb - 1)[:, None, :], (B, Hkv, tok.shape[1])))
 
         # exact window: sinks [0, prefix) then the local window [T - local, T)
         j = jnp.arange(W, dtype=jnp.int32)[None, :]
@@ -511,15 +490,10 @@ class YakvPolicy(Policy):
             lm_codes, lm_scales = codes.codes, codes.scales
 
         # offloaded store (all Tb rows; rows >= T are never selected)
-        ks = _rope(k, jnp.broadcast_to(jnp.arange(Tb)[None, None, :], (B, Hkv, Tb)), mcfg, inverse=True) \
-            if cfg.keys_pre_rope else k
+        ks = rope(mcfg, k, jnp.arange(Tb)[None, None, :], inverse=True) if cfg.keys_pre_rope else k
         k_store, v_store, k_scales, v_scales = self._encode_store(mcfg, ks, v)
-        if cfg.fetch_backend != "device":  # the aval must say host too (see offload.place_on_host)
-            k_store, v_store, k_scales, v_scales = (None if x is None else offload.place_on_host(x)
-                                                    for x in (k_store, v_store, k_scales, v_scales))
-        gen = jnp.zeros((B, Hkv, max_new, D), dt)
-        return YakvState(win_k, win_v, win_pos, gen, gen, lm, lm_codes, lm_scales, lengths, prefix, n_lm, n_sel,
-                         k_store, v_store, k_scales, v_scales)
+        return YakvState(win_k, win_v, win_pos, GenSlots.zeros(B, Hkv, max_new, D, dt), lm, lm_codes, lm_scales,
+                         lengths, prefix, n_lm, n_sel, k_store, v_store, k_scales, v_scales)
 
     def _encode_store(self, mcfg, ks, v):
         cfg = self.config
@@ -610,7 +584,7 @@ class YakvPolicy(Policy):
         if cfg.keys_pre_rope:
             B, Hkv, K = start.shape
             tok = (start[..., None] + jnp.arange(c, dtype=jnp.int32)).reshape(B, Hkv, K * c)
-            kr = _rope(kr, tok, mcfg)
+            kr = rope(mcfg, kr, tok)
         return kr, vr
 
     def fetch_bucket_tokens(self, Tb: int) -> int:
@@ -628,11 +602,9 @@ class YakvPolicy(Policy):
         """One decode step of one layer (see the module docstring). q ``[B, H, D]``, k/v ``[B, Hkv, D]``."""
         c = self.config.chunk_size
         length = st.length[layer]
-        slot = pos - length
-        Ng = st.gen_k.shape[3]
-        gen_k = write_token(st.gen_k, layer, k, jnp.clip(slot, 0, Ng - 1))
-        gen_v = write_token(st.gen_v, layer, v, jnp.clip(slot, 0, Ng - 1))
-        st = st.replace(gen_k=gen_k, gen_v=gen_v)
+        gen = st.gen.append(layer, k, v, pos, length)
+        st = st.replace(gen=gen)
+        Ng = gen.size
         B, Hkv = k.shape[:2]
         W = st.win_k.shape[3]
         ks = [st.win_k[layer]]
@@ -645,9 +617,9 @@ class YakvPolicy(Policy):
             ks.append(kr)
             vs.append(vr)
             valid.append(jnp.broadcast_to(jnp.repeat(sel_valid, c, axis=2), (B, Hkv, Kc * c)))
-        ks.append(gen_k[layer])
-        vs.append(gen_v[layer])
-        valid.append(jnp.broadcast_to((jnp.arange(Ng)[None, :] <= slot[:, None])[:, None, :], (B, Hkv, Ng)))
+        ks.append(gen.k[layer])
+        vs.append(gen.v[layer])
+        valid.append(jnp.broadcast_to(gen.valid(pos, length)[:, None, :], (B, Hkv, Ng)))
         out = attend_rows(q, jnp.concatenate(ks, axis=2), jnp.concatenate(vs, axis=2),
                           jnp.concatenate(valid, axis=2))
         return out, st

@@ -1,35 +1,32 @@
-"""Shared test helpers for the baseline policies: run the engine's stages step by step, lower a step for TPU."""
+"""Shared test helpers for the policies: run the engine's session step by step, lower a step for TPU."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.decode import decode_step
+
 
 def run_steps(eng, prompts, steps=5, max_new=64):
-    """Greedy decode with the engine's stages; returns (tokens [B, steps+1], logits [B, steps+1, V], state)."""
-    toks, lengths, _ = eng.prepare(prompts, max_new)
-    logits, kv = eng.prefill(toks, lengths)
-    state = eng.build(kv, lengths, max_new)
-    step = eng.step_fn(state)
+    """Greedy decode through :class:`kvjax.engine.Session`; returns (tokens [B, steps+1], logits [B, steps+1, V],
+    the final state)."""
+    sess = eng.start(prompts, max_new)
+    logits = sess.first_logits
     cur = np.asarray(jnp.argmax(logits, -1))
     out, lg = [cur], [np.asarray(logits)]
-    for i in range(steps):
-        nxt, logits, state = step(eng.params, state, eng._put(cur), eng._put(lengths + i), jax.random.key(0),
-                                  jnp.float32(0), jnp.int32(0), jnp.float32(1))
-        cur = np.asarray(nxt)
+    for _ in range(steps):
+        o = sess.step(cur)
+        cur = np.asarray(o.tokens)
         out.append(cur)
-        lg.append(np.asarray(logits))
-    return np.stack(out, 1), np.stack(lg, 1), state
+        lg.append(np.asarray(o.logits))
+    return np.stack(out, 1), np.stack(lg, 1), sess.state
 
 
 def lower_step_for_tpu(eng, state):
     """StableHLO text of the whole jitted decode step lowered for TPU (runs on CPU: a structural check)."""
-    from kvjax.engine import _step_and_sample
-
     pol, cfg = eng.policy, eng.cfg
-    fn = jax.jit(lambda params, st_, tok, pos: _step_and_sample(params, cfg, pol, st_, tok, pos, jax.random.key(0),
-                                                                 jnp.float32(0), jnp.int32(0), jnp.float32(1)))
-    B = state.lengths.shape[1]
-    return fn.trace(eng.params, state, jnp.zeros((B,), jnp.int32), state.lengths[0]).lower(
+    fn = jax.jit(lambda params, st_, tok, pos: decode_step(params, cfg, pol, st_, tok, pos)[:2])
+    lengths = jax.tree.leaves(state)[0].shape[1]
+    return fn.trace(eng.params, state, jnp.zeros((lengths,), jnp.int32), jnp.zeros((lengths,), jnp.int32)).lower(
         lowering_platforms=("tpu",)).as_text()
 
 

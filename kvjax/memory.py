@@ -1,0 +1,179 @@
+"""Device memory: what a compiled program needs (XLA's compiled memory analysis) and clear out-of-memory errors.
+
+:func:`program_memory` reads ``Compiled.memory_analysis()`` of a jitted function on given (abstract) arguments and
+splits it into the numbers ``kvjax bench memory`` reports: ``peak_device_bytes`` = device arguments + temporaries +
+device outputs, with the model weights excluded (they are reported apart as ``weights_bytes``), and ``host_bytes``
+= arguments and outputs placed in host memory. XLA:CPU reports every buffer as device memory (its ``host_*``
+fields are 0), so host placement is taken from the arguments' and outputs' shardings (``memory_kind``), which is
+what the accelerator backends honour.
+
+:func:`explain_oom` turns an out-of-memory failure of a stage (prefill, decode) into one error naming the stage,
+the bytes the program needs and the bytes the device has.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import jax
+import numpy as np
+
+from .compat import DEVICE_MEMORY_KIND
+
+
+def tree_bytes(tree, kind: str | None = None) -> int:
+    """Bytes of the array / ShapeDtypeStruct leaves of ``tree`` (only those in memory ``kind`` when given; a leaf
+    without a sharding counts as device memory)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if kind is not None and leaf_kind(x) != kind:
+            continue
+        total += int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def leaf_kind(x) -> str:
+    """Memory kind of an array / ShapeDtypeStruct ("device" when it has no sharding or kind)."""
+    sh = getattr(x, "sharding", None)
+    return (getattr(sh, "memory_kind", None) or DEVICE_MEMORY_KIND) if sh is not None else DEVICE_MEMORY_KIND
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+    """Memory of one compiled program, bytes. ``peak_device_bytes`` excludes the weights (``weights_bytes``)."""
+
+    peak_device_bytes: int
+    weights_bytes: int
+    host_bytes: int
+    argument_bytes: int
+    temp_bytes: int
+    output_bytes: int
+
+
+def program_memory(jitted, args: tuple, weights=None, out_shapes=None) -> ProgramMemory:
+    """Compile ``jitted`` for ``args`` (arrays or ShapeDtypeStructs with shardings; nothing runs) and split XLA's
+    memory analysis into device / host / weights bytes. ``weights`` is the sub-tree of ``args`` holding the model
+    weights; ``out_shapes`` the output tree with shardings (``jitted.eval_shape`` when not given) for host placement.
+    """
+    compiled = jitted.trace(*args).lower().compile()
+    ma = compiled.memory_analysis()
+    if out_shapes is None:
+        out_shapes = jax.eval_shape(jitted, *args)
+        out_sh = compiled.output_shardings
+        out_shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), out_shapes, out_sh)
+    w = tree_bytes(weights) if weights is not None else 0
+    arg_host = tree_bytes(args, "pinned_host") + tree_bytes(args, "unpinned_host")
+    out_host = tree_bytes(out_shapes, "pinned_host") + tree_bytes(out_shapes, "unpinned_host")
+    arg_dev = int(ma.argument_size_in_bytes) - arg_host - w
+    out_dev = int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes) - out_host
+    temp = int(ma.temp_size_in_bytes)
+    # host buffers: a donated input and the output it becomes are one buffer (decode's host stores)
+    host = max(arg_host, out_host) if int(ma.alias_size_in_bytes) else arg_host + out_host
+    return ProgramMemory(peak_device_bytes=max(arg_dev, 0) + temp + max(out_dev, 0), weights_bytes=w,
+                         host_bytes=host, argument_bytes=int(ma.argument_size_in_bytes),
+                         temp_bytes=temp, output_bytes=int(ma.output_size_in_bytes))
+
+
+class DeviceMemoryError(MemoryError):
+    """A stage ran out of device memory; the message names the stage and the bytes needed and available."""
+
+
+def device_bytes_available() -> int | None:
+    """Free bytes on the first device (``bytes_limit - bytes_in_use``), None where the backend does not say."""
+    try:
+        st = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    if "bytes_limit" not in st:
+        return None
+    return int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0))
+
+
+def _is_oom(e: BaseException) -> bool:
+    msg = str(e)
+    return "RESOURCE_EXHAUSTED" in msg or "Out of memory" in msg or "out of memory" in msg
+
+
+@contextlib.contextmanager
+def explain_oom(stage: str, jitted, *args):
+    """Re-raise an out-of-memory failure inside the block as :class:`DeviceMemoryError` naming ``stage``, the bytes
+    the program ``jitted(*args)`` needs (its compiled memory analysis) and the bytes the device has free."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only OOMs are translated, everything else re-raised as is
+        if not _is_oom(e):
+            raise
+        try:
+            ma = jitted.trace(*args).lower().compile().memory_analysis()
+            need = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes +
+                       ma.temp_size_in_bytes)
+            need_s = f"{need / 2**30:.2f} GiB ({need} bytes: arguments incl. weights + temporaries + outputs)"
+        except Exception:  # noqa: BLE001
+            need_s = "unknown"
+        avail = device_bytes_available()
+        avail_s = f"{avail / 2**30:.2f} GiB" if avail is not None else "unknown"
+        raise DeviceMemoryError(f"out of device memory during {stage}: the program needs {need_s}, the device has "
+                                f"{avail_s} free; use a smaller batch or prompt, an offloading policy, or "
+                                f"Engine(offload_hidden=True) for prefill") from e
+
+
+def abstract_params(mcfg, dtype, mesh=None) -> dict:
+    """The model's parameters as ShapeDtypeStructs (nothing allocated), sharded as a loaded model is."""
+    from models.transformer import param_partition_specs, param_shapes
+
+    from .compat import DEVICE_MEMORY_KIND as kind
+
+    specs = param_partition_specs(mcfg)
+    out = {}
+    for name, shape in param_shapes(mcfg).items():
+        sh = (jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind) if mesh is None else
+              jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*specs[name]), memory_kind=kind))
+        out[name] = jax.ShapeDtypeStruct(shape, jax.numpy.dtype(dtype), sharding=sh)
+    return out
+
+
+def stage_memory(mcfg, policy, prompt_tokens: int, batch: int, dtype="bfloat16", max_new: int = 64,
+                 chunk: int = 512, offload_hidden: bool = False) -> dict[str, ProgramMemory]:
+    """Compiled memory of the two stages of a run, from abstract inputs only (compile, no allocation):
+    ``"prefill"`` (the layer-by-layer prefill that builds the policy state, :func:`kvjax.prefill.prefill`) and
+    ``"decode"`` (one decode step, :func:`kvjax.decode.decode_step`, state donated). The prompt bucket is
+    ``prompt_tokens`` rounded up to a power of two, as the engine pads."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from . import cache as cache_mod
+    from . import decode as decode_mod
+    from . import prefill as prefill_mod
+    from .engine import generation_bucket
+    from .policies.base import bucket_size
+
+    mcfg = mcfg.replace(max_position_embeddings=max(mcfg.max_position_embeddings, prompt_tokens + max_new))
+    Tb = bucket_size(prompt_tokens, 128)
+    gb = generation_bucket(max_new)
+    params = abstract_params(mcfg, dtype)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    toks = jax.ShapeDtypeStruct((batch, Tb), jnp.int32, sharding=dev)
+    lens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
+    extra = policy.prepare_shapes(mcfg, jnp.dtype(dtype))
+    fn = functools.partial(prefill_mod.prefill, cfg=mcfg, policies=(policy,), max_new=gb, chunk=min(chunk, Tb),
+                           offload_hidden=offload_hidden)
+    run = lambda p, t, l, e: fn(p, tokens=t, lengths=l, extras=(e,))  # noqa: E731
+    _, (abstract,) = jax.eval_shape(run, params, toks, lens, extra)
+    shard = cache_mod.state_shardings(abstract, None, mcfg, policy)
+    pre = jax.jit(run, out_shardings=(dev, (shard,)))
+    out = {"prefill": program_memory(pre, (params, toks, lens, extra), weights=params)}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+
+    def step(p, st, tok, pos):
+        st = prefill_mod.place_host_fields(policy, st)  # a ShapeDtypeStruct input has a device aval (JAX 0.10)
+        logits, st, _ = decode_mod.decode_step(p, mcfg, policy, st, tok, pos)
+        return logits, st
+
+    dec = jax.jit(step, donate_argnums=(1,), out_shardings=(dev, shard))
+    out["decode"] = program_memory(dec, (params, state, lens, lens), weights=params)
+    return out
+
+
+__all__ = ["DeviceMemoryError", "ProgramMemory", "abstract_params", "device_bytes_available", "explain_oom",
+           "leaf_kind", "program_memory", "stage_memory", "tree_bytes"]
