@@ -1,5 +1,6 @@
 """Tokenizer: a ``tokenizers.Tokenizer`` (from ``tokenizer.json`` or built from GGUF vocab + merges) plus the
-checkpoint's own chat template rendered in jinja2's sandbox (checkpoints are untrusted input)."""
+checkpoint's own chat template rendered in jinja2's sandbox (checkpoints are untrusted input); and a byte-level
+stand-in (:class:`ByteTokenizer`) for checkpoints that ship no tokenizer."""
 from __future__ import annotations
 
 import json
@@ -67,6 +68,31 @@ class TextTokenizer:
         eos = self.tok.id_to_token(self.eos_ids[0]) if self.eos_ids else ""
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos, **kw)
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer for checkpoints without one (e.g. the tiny test fixtures): UTF-8 bytes shifted by
+    ``offset`` (ids below it are the model's special ids), a plain-text chat template, the model's EOS ids as
+    stop ids. Needs ``vocab_size >= 256 + offset``."""
+
+    def __init__(self, vocab_size: int, eos_ids: Sequence[int] = (), offset: int = 3):
+        if vocab_size < 256 + offset:
+            raise ValueError(f"vocab_size={vocab_size}: a byte tokenizer needs >= {256 + offset} ids; this model has "
+                             f"no tokenizer, so use a checkpoint with tokenizer.json")
+        self.offset = offset
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset).decode("utf-8", "replace")
+
+    def apply_chat_template(self, text: str, add_generation_prompt: bool = True) -> str:
+        return f"User: {text}\nAssistant:" if add_generation_prompt else f"User: {text}\n"
+
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.eos_ids
 
 
 def tokenizer_from_gguf_fields(fields: dict) -> TextTokenizer:
