@@ -26,14 +26,17 @@ def primary_score(score: Mapping[str, Any] | None) -> float | None:
     return None
 
 
-def first_divergence(fidelity: Mapping[str, Any]) -> float | None:
+def first_divergence(fidelity: Mapping[str, Any], never: float | None = None) -> float | None:
     """Index of the first generated token where a method's greedy token differs from full attention's, from a
-    record's ``fidelity`` dict (eval/fidelity.py); a sequence that never diverged counts as ``n_steps + 1``. None
-    when nothing was measured (no teacher-forced steps, or full attention's own reference record)."""
+    record's ``fidelity`` dict (eval/fidelity.py); a sequence that never diverged counts as ``never``
+    (default ``n_steps + 1``, one past its last step). None when nothing was measured (no teacher-forced steps, or
+    full attention's own reference record)."""
     if not fidelity.get("n_steps") or fidelity.get("reference"):
         return None
     d = fidelity.get("first_divergence")
-    return float(d if d is not None else fidelity["n_steps"] + 1)
+    if d is not None:
+        return float(d)
+    return float(fidelity["n_steps"] + 1 if never is None else never)
 
 
 def mean(xs: Iterable[float | None]) -> float | None:

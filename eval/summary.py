@@ -7,7 +7,8 @@ Each row aggregates the finished records (one per sample) of a group:
   per-sample primary score, see :func:`eval.stats.primary_score`) with a percentile-bootstrap 95% interval over
   samples (:func:`eval.stats.bootstrap_ci`); samples whose score is None (the authors' "bad samples") are left out;
 * fidelity to full attention (eval/fidelity.py): mean KL(full ‖ method) per token, top-1 agreement, the median
-  first divergence (samples that never diverge count as their number of steps) and the mean attention recall;
+  first divergence (samples that never diverge count as later than any step; "–" when the median one never
+  diverged) and the mean attention recall;
 * ``device B/tok`` and ``host B/tok``: bytes of the policy state per prompt token (``memory_report``);
 * ``s/sample``: seconds per sample (shared prefill + the method's build and free-run decode);
 * ``errors``: records that failed (listed, never averaged).
@@ -43,14 +44,16 @@ def summarize(records: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: in
         scores = [100.0 * s for s in scores if s is not None]
         mean, lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
         fid = [r.get("fidelity") or {} for r in ok]
-        firsts = [d for d in map(first_divergence, fid) if d is not None]
+        firsts = [d for d in (first_divergence(f, never=math.inf) for f in fid) if d is not None]
+        first_median = float(np.median(firsts)) if firsts else math.inf
         rows.append({
             "model": model, "benchmark": bench, "method": method, "budget": budget,
             "budget_fraction": stat_mean(r.get("budget_fraction") for r in ok),
             "n": len(ok), "score": mean, "score_lo": lo, "score_hi": hi,
             "kl_mean": stat_mean(f.get("kl_mean") for f in fid),
             "top1_agreement": stat_mean(f.get("top1_agreement") for f in fid),
-            "first_divergence_median": float(np.median(firsts)) if firsts else None,
+            # None (shown "–") also when the median sample never diverged
+            "first_divergence_median": first_median if math.isfinite(first_median) else None,
             "recall_mean": stat_mean(f.get("recall_mean") for f in fid),
             "device_bytes_per_token": stat_mean(r.get("device_bytes_per_prompt_token") for r in ok),
             "host_bytes_per_token": stat_mean(r.get("host_bytes_per_prompt_token") for r in ok),
@@ -161,32 +164,42 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list[
     return files
 
 
+def render(records: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict], list[dict]]:
+    """(markdown, summary rows, paired rows) of ``records``: the tables of :func:`to_markdown`, followed by the
+    paired comparison (:mod:`eval.compare`) when two methods share a budget. Writes nothing."""
+    rows = summarize(records)
+    md = to_markdown(rows) if rows else "(no finished records)\n"
+    pairs = compare.paired(records)
+    if pairs:  # two methods at the same budget: which stays closer to full, sample by sample
+        md += "\n" + compare.to_markdown(pairs)
+    return md, rows, pairs
+
+
+NOTES = ("\nscore: mean task score ×100 with a bootstrap 95% interval over samples; KL: mean KL(full ‖ method) per "
+         "decode step (nats), teacher-forced on full's greedy output; top-1 agr: share of those steps where the "
+         "method's greedy token equals full's; 1st div: median index of the first differing generated token (– when "
+         "the median sample never diverged); recall: share of exact attention mass over the prompt on the tokens the "
+         "method attends (mean over query heads, layers, KV heads and measured steps); B/tok: policy-state bytes per "
+         "prompt token; s/sample: shared prefill + the method's build and decode.\n")
+
+
 def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, plots: bool = True
                   ) -> tuple[str, list[dict]]:
     """summary.md, summary.csv, paired.csv (:mod:`eval.compare`, when two methods share a budget) and plots/ for
     ``records`` under ``out_dir``; returns (markdown, rows)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summarize(records)
-    md = to_markdown(rows) if rows else "(no finished records)\n"
-    pairs = compare.paired(records)
-    if pairs:  # two methods at the same budget: which stays closer to full, sample by sample
-        md += "\n" + compare.to_markdown(pairs)
+    md, rows, pairs = render(records)
+    if pairs:
         with open(out_dir / "paired.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(pairs[0]))
             w.writeheader()
             w.writerows(pairs)
-    notes = ("\nscore: mean task score ×100 with a bootstrap 95% interval over samples; KL: mean KL(full ‖ method) "
-             "per decode step (nats), teacher-forced on full's greedy output; top-1 agr: share of those steps where "
-             "the method's greedy token equals full's; 1st div: median index of the first differing generated token "
-             "(never = steps + 1); recall: share of exact attention mass over the prompt on the tokens the method "
-             "attends (mean over query heads, layers, KV heads and measured steps); B/tok: policy-state bytes per "
-             "prompt token; s/sample: shared prefill + the method's build and decode.\n")
-    (out_dir / "summary.md").write_text(md + notes, encoding="utf-8")
+    (out_dir / "summary.md").write_text(md + NOTES, encoding="utf-8")
     write_csv(rows, out_dir / "summary.csv")
     if plots and rows:
         plot(rows, out_dir / "plots")
     return md, rows
 
 
-__all__ = ["COLUMNS", "plot", "summarize", "to_markdown", "write_csv", "write_summary"]
+__all__ = ["COLUMNS", "NOTES", "plot", "render", "summarize", "to_markdown", "write_csv", "write_summary"]

@@ -193,6 +193,24 @@ def test_summarize_groups_and_scales(tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["m__b__fidelity.png", "m__b__score.png"]
 
 
+def test_first_divergence_column_for_sequences_that_never_diverged():
+    def rec(sid, method, first, steps=8):
+        return {"key": f"m|b|{sid}|{method}|1/32", "model": "m", "benchmark": "b", "sample_id": sid, "method": method,
+                "budget": "1/32", "budget_fraction": 1 / 32, "score": {"found": 1.0},
+                "fidelity": {"n_steps": steps, "first_divergence": first, "kl_mean": 0.0, "top1_agreement": 1.0}}
+
+    never = [rec("s0", "a", None), rec("s1", "a", None, steps=20)]  # no sample diverged
+    mixed = [rec("s0", "b", 3), rec("s1", "b", None), rec("s2", "b", 5)]  # 3, 5, never -> median 5
+    most_never = [rec("s0", "c", 2), rec("s1", "c", None), rec("s2", "c", None)]  # 2, never, never -> never
+    rows = {r["method"]: r for r in summary.summarize(never + mixed + most_never)}
+    assert rows["a"]["first_divergence_median"] is None and rows["c"]["first_divergence_median"] is None
+    assert rows["b"]["first_divergence_median"] == 5
+    md = summary.to_markdown(list(rows.values()))
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[6] for line in md.splitlines()
+             if line.startswith("| a ") or line.startswith("| b ") or line.startswith("| c ")}
+    assert cells == {"a": "–", "b": "5", "c": "–"}  # never n_steps + 1 (9 or 21)
+
+
 # ------------------------------------------------------------------------------------------------ runs
 class Stop(Exception):
     pass
