@@ -3,69 +3,31 @@ budget), and equal-memory budgets (the same device bytes per prompt token for ev
 from __future__ import annotations
 
 import dataclasses
-import fractions
 import math
 from typing import Any, Mapping, Sequence
 
-from kvjax.options import parse_methods
+from kvjax import options
+from kvjax.options import budget_knob, budget_label, parse_methods
 
 from .presets import PAPER_BUDGETS
 
 
-def parse_budget(s: str) -> tuple[str, float | int | None]:
-    """``"default"`` | fraction ``"1/64"`` / ``"0.03125"`` (of the prompt, in [0, 1]) | token count ``"2048"``
-    -> (label, value). Raises ValueError naming the value and the allowed forms."""
+def parse_budget(s: str, arg: str = "--budgets") -> tuple[str, float | int | None]:
+    """``"default"`` (each method's paper default) or a budget as :func:`kvjax.options.parse_budget` reads it
+    (fraction ``"1/64"`` / ``"0.03125"`` of the prompt in (0, 1], token count ``"2048"`` >= 1) -> (label, value).
+    Raises :class:`kvjax.options.UsageError` (a ValueError) naming the value and the allowed forms."""
     s = s.strip()
     if s.lower() == "default":
         return "default", None
-    try:
-        if "/" in s:
-            f = fractions.Fraction(s)
-            val: float | int = float(f)
-        elif "." in s or "e" in s.lower():
-            val = float(s)
-        else:
-            val = int(s)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"budget {s!r}: allowed 'default', a fraction of the prompt in [0, 1] (1/64, 0.03125) "
-                         f"or a token count (2048)") from None
-    if isinstance(val, float) and not 0.0 <= val <= 1.0:
-        raise ValueError(f"budget {s!r} = {val}: a fraction must be in [0, 1]")
-    if isinstance(val, int) and val < 0:
-        raise ValueError(f"budget {s!r}: a token count must be >= 0 tokens")
+    val = options.parse_budget(s, arg)
     return budget_label(val), val
-
-
-def budget_label(val: float | int) -> str:
-    """"1/64" for fractions with an integer reciprocal, the int for token counts, else %.6g."""
-    if isinstance(val, int):
-        return str(val)
-    if val > 0:
-        inv = 1.0 / val
-        if abs(inv - round(inv)) < 1e-9:
-            return f"1/{round(inv)}"
-    return f"{val:.6g}"
-
-
-def _knob(method: str) -> str:
-    from kvjax.policies import POLICIES, PRESETS as POLICY_PRESETS
-
-    base = POLICY_PRESETS.get(method, (method, {}))[0]
-    cls = POLICIES.get(base)
-    if cls is None:
-        raise ValueError(f"method {method!r} is unknown; available: {sorted(set(POLICIES) | set(POLICY_PRESETS))}")
-    knob = getattr(cls, "budget_knob", None)
-    if knob is None:
-        try:
-            from kvjax.budgets import KNOBS
-        except ImportError:
-            KNOBS = {}
-        knob = KNOBS.get(base, "sparse_budget")
-    return knob
 
 
 @dataclasses.dataclass
 class MethodSpec:
+    """One cell of the grid: the method's label, the budget's label ("-" for full attention, "default" resolved to
+    a value), the budget value (None: full, or an equal-memory spec before planning) and the configured policy."""
+
     method: str
     budget: str
     budget_value: float | int | None
@@ -88,7 +50,7 @@ def method_specs(methods: Sequence[str], budgets: Sequence[tuple[str, Any]],
                 raise ValueError(f"method {name!r}: full attention is the reference and takes no variant options")
             specs.append(MethodSpec("full", "-", None, make_policy("full", **opts)))
             continue
-        knob = _knob(m)
+        knob = budget_knob(m)
         for label, val in budgets:
             if val is None:  # default
                 val = PAPER_BUDGETS.get(m)
@@ -136,7 +98,7 @@ def equal_memory_specs(todo: Sequence[MethodSpec], mcfg, prompt_len: int, max_ne
             out.append(sp)
             continue
         try:
-            knob = _knob(sp.method)
+            knob = budget_knob(sp.method)
             pol = make_policy(sp.method, **policy_opts.get(sp.method, {}))
             plan = budgets_mod.equal_memory_budgets(mcfg, [pol], prompt_len, bytes_per_token=bytes_per_token,
                                                     max_new=max_new, dtype=jnp.dtype(dtype),
@@ -156,5 +118,5 @@ def budget_sort_key(rec_or_row: Mapping[str, Any]) -> tuple:
             f if isinstance(f, (int, float)) else math.inf, str(rec_or_row.get("budget")))
 
 
-__all__ = ["MethodSpec", "budget_fraction", "budget_label", "budget_sort_key", "equal_memory_specs", "method_specs",
+__all__ = ["MethodSpec", "budget_fraction", "budget_sort_key", "equal_memory_specs", "method_specs",
            "parse_budget"]

@@ -10,7 +10,10 @@ What a run does, per model and sample (batch size 1, as the authors' harness):
    fidelity metrics and free-running for the task score (eval/fidelity.py).
 4. One JSON record per (model, benchmark, sample, method, budget) is appended to ``<out>/results.jsonl`` and
    flushed (fsync) as soon as it is finished. Re-running with the same ``--out`` skips finished keys, so a killed
-   run loses at most the record in flight; unreadable (half-written) lines are dropped on load.
+   run loses at most the record in flight; unreadable (half-written) lines are dropped on load. One run at a time
+   holds ``<out>`` (``eval.lock``, :class:`eval.store.OutputLock`): a second one refuses naming the holder's PID and
+   host, or waits (``--wait``); the lock of a killed run is taken over. A folder that cannot be written shows the
+   summary of its finished records and computes nothing.
 5. ``summary.md``, ``summary.csv`` and ``plots/`` are written from all records (eval/summary.py) and the table is
    printed with the wall time.
 
@@ -35,6 +38,7 @@ a file system every host sees.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -44,12 +48,13 @@ import traceback
 from typing import Any, Callable, Mapping
 
 from eval.benchmarks import Sample, get_benchmark
+from kvjax.options import UsageError, parse_mesh
 
 from . import summary as summary_mod
 from .grid import MethodSpec, budget_fraction, equal_memory_specs, method_specs
 from .presets import RUNNER_KEYS, TABLE_PREFIX
-from .store import (ResultStore, check_manifest, done_marker, load_records, log, merge_parts, part_path,
-                    record_key)
+from .store import (OutputLock, ResultStore, check_manifest, done_marker, load_records, lock_path, log, merge_parts,
+                    part_path, record_key)
 
 
 @dataclasses.dataclass
@@ -79,6 +84,7 @@ class RunConfig:
     process_id: int | None = None
     merge_timeout: float = 3600.0
     data_dir: str | None = None
+    wait: bool = False
 
 
 def _table_prefix(sample: Sample) -> str:
@@ -154,18 +160,27 @@ def _config_dict(policy) -> dict:
         return {"repr": repr(policy.config)}
 
 
-def _init_distributed(cfg: RunConfig) -> tuple[int, int]:
+def _init_distributed(cfg: RunConfig, locks: list[OutputLock]) -> tuple[int, int]:
+    """``jax.distributed.initialize`` from the flags / environment; takes this process's part lock (before the
+    start barrier when the ids are known from the flags, else right after) and, on process 0, the folder's lock
+    (appended to ``locks``). Returns (process index, process count)."""
     import jax
 
+    out = pathlib.Path(cfg.out)
     coord = cfg.coordinator or os.environ.get("KVJAX_COORDINATOR")
     nproc = cfg.num_processes or (int(os.environ["KVJAX_NUM_PROCESSES"]) if os.environ.get("KVJAX_NUM_PROCESSES")
                                   else None)
     pid = cfg.process_id if cfg.process_id is not None else (
         int(os.environ["KVJAX_PROCESS_ID"]) if os.environ.get("KVJAX_PROCESS_ID") else None)
     if nproc is not None and (pid is None or not 0 <= pid < nproc):
-        raise ValueError(f"--process-id={pid!r} with --num-processes={nproc}: allowed 0 <= id < num_processes")
-    if pid is not None and nproc is not None:  # drop my stale marker before the start barrier of initialize
-        done_marker(cfg.out, pid, nproc).unlink(missing_ok=True)
+        raise UsageError(f"--process-id={pid!r} with --num-processes={nproc}: allowed 0 <= id < num_processes")
+
+    def lock_part(i: int, n: int) -> None:
+        locks.append(_acquire(OutputLock(lock_path(out, (i, n)), f"--out {out} (process {i} of {n})", cfg.wait)))
+
+    if pid is not None and nproc is not None:
+        lock_part(pid, nproc)
+        done_marker(out, pid, nproc).unlink(missing_ok=True)  # my stale marker, before the start barrier
     kw = {}
     if coord:
         kw["coordinator_address"] = coord
@@ -174,7 +189,19 @@ def _init_distributed(cfg: RunConfig) -> tuple[int, int]:
     if pid is not None:
         kw["process_id"] = pid
     jax.distributed.initialize(**kw)
-    return jax.process_index(), jax.process_count()
+    pid, nproc = jax.process_index(), jax.process_count()
+    if not locks:
+        lock_part(pid, nproc)
+    if pid == 0:  # process 0 merges into results.jsonl and writes the summary: it holds the folder too
+        locks.append(_acquire(OutputLock(lock_path(out), f"--out {out}", cfg.wait)))
+    return pid, nproc
+
+
+def _acquire(lock: OutputLock) -> OutputLock:
+    try:
+        return lock.acquire()
+    except OSError as e:
+        raise UsageError(f"{lock.what}: cannot write there ({e.strerror or e}); give a writable --out") from None
 
 
 def manifest(cfg: RunConfig) -> dict:
@@ -188,20 +215,60 @@ def manifest(cfg: RunConfig) -> dict:
 def run(cfg: RunConfig, on_record: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the grid. ``on_record(record)`` is called after each record is written (tests use it to
     interrupt a run). Returns {"records": [...] (this process's store), "summary_md", "rows", "wall_s",
-    "process", "processes", "computed": number of records computed now}."""
+    "process", "processes", "computed": number of records computed now}.
+
+    The output folder is locked for the whole run (:class:`eval.store.OutputLock`; per process part under
+    ``--distributed``): a second run on it raises :class:`eval.store.OutputLocked` naming the holder, or waits with
+    ``cfg.wait``. A folder that cannot be written is not an error when it holds finished records: their summary is
+    returned (``"read_only"``: the reason), nothing is computed or written."""
     t_start = time.perf_counter()
     out = pathlib.Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pid, nproc = 0, 1
-    if cfg.distributed:
-        pid, nproc = _init_distributed(cfg)
-        (out / "parts").mkdir(exist_ok=True)
-        reads = [out / "results.jsonl"] + sorted(p for p in (out / "parts").glob("results.part-*.jsonl")
-                                                 if p != part_path(out, pid, nproc))
-        store = ResultStore(part_path(out, pid, nproc), read_paths=reads)
-        log(f"process {pid} of {nproc}")
-    else:
-        store = ResultStore(out / "results.jsonl")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+    locks: list[OutputLock] = []
+    try:
+        if cfg.distributed:
+            pid, nproc = _init_distributed(cfg, locks)
+        else:
+            pid, nproc = 0, 1
+            try:
+                locks.append(OutputLock(lock_path(out), f"--out {out}", cfg.wait).acquire())
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                return _read_only_summary(out, e, t_start)
+        return _run_locked(cfg, out, pid, nproc, on_record, t_start)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+def _read_only_summary(out: pathlib.Path, err: OSError, t_start: float) -> dict[str, Any]:
+    recs = load_records(out / "results.jsonl")
+    if not recs:
+        raise UsageError(f"--out {out}: not writable ({err.strerror or err}) and it holds no finished records; give "
+                         f"a writable --out")
+    md, rows, _ = summary_mod.render(recs)
+    return {"process": 0, "processes": 1, "computed": 0, "records": recs, "summary_md": md, "rows": rows,
+            "read_only": err.strerror or str(err), "wall_s": time.perf_counter() - t_start}
+
+
+def _run_locked(cfg: RunConfig, out: pathlib.Path, pid: int, nproc: int, on_record, t_start: float
+                ) -> dict[str, Any]:
+    """The run of :func:`run` once this process holds its lock."""
+    try:
+        if cfg.distributed:
+            (out / "parts").mkdir(exist_ok=True)
+            reads = [out / "results.jsonl"] + sorted(p for p in (out / "parts").glob("results.part-*.jsonl")
+                                                     if p != part_path(out, pid, nproc))
+            store = ResultStore(part_path(out, pid, nproc), read_paths=reads)
+            log(f"process {pid} of {nproc}")
+        else:
+            store = ResultStore(out / "results.jsonl")
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write its results ({e.strerror or e}); give a writable --out") from None
     if store.records:
         log(f"resuming: {len(store.records)} finished record(s) in {out}")
     check_manifest(out, manifest(cfg), write=pid == 0)  # one writer in a distributed run
@@ -212,14 +279,14 @@ def run(cfg: RunConfig, on_record: Callable[[dict], None] | None = None) -> dict
     if cfg.mesh or cfg.distributed:
         from kvjax.compat import make_mesh
 
-        d, m = (int(x) for x in (cfg.mesh or "1x1").lower().split("x"))
-        mesh = make_mesh(d, m, devices=jax.local_devices())
+        devices = jax.local_devices()
+        mesh = make_mesh(*parse_mesh(cfg.mesh or "1x1", len(devices)), devices=devices)
     dtype = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     specs = method_specs(cfg.methods, cfg.budgets, cfg.policy_opts)
     if cfg.equal_memory is not None:
         variants = [m for m in cfg.methods if "[" in m]
         if variants:
-            raise ValueError(f"--equal-memory plans each method's own config; variants {variants} are not supported "
+            raise UsageError(f"--equal-memory plans each method's own config; variants {variants} are not supported "
                              f"there (use --policy-opt METHOD.KEY=VALUE)")
         specs = [s for s in specs if s.method == "full"] + [
             MethodSpec(m, f"eq{cfg.equal_memory:g}B/tok", None, None) for m in cfg.methods if m != "full"]
@@ -285,14 +352,17 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
 
     from kvjax.engine import Engine
     from models import load_model
-    from models.tokenizer import ByteTokenizer
+    from models.tokenizer import ByteTokenizer, ChatTemplateError
 
     from . import fidelity as fid
 
     for model in cfg.models:
-        lm = load_model(model, dtype=dtype, mesh=mesh)
-        tok = lm.tokenizer or ByteTokenizer(lm.config.vocab_size, lm.config.eos_token_ids)
-        stop_ids = tuple(tok.stop_ids()) if hasattr(tok, "stop_ids") else tuple(lm.config.eos_token_ids)
+        try:
+            lm = load_model(model, dtype=dtype, mesh=mesh)
+            tok = lm.tokenizer or ByteTokenizer(lm.config.vocab_size, lm.config.eos_token_ids)
+        except ValueError as e:  # models.weights.WeightError (a checkpoint that cannot be read), or no usable tokenizer
+            raise UsageError(f"--models {model!r}: {e}") from None
+        stop_ids = tuple(tok.stop_ids())
         base = Engine(lm, policy="full", mesh=mesh)
         engines = {}
 
@@ -304,7 +374,12 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
 
         units = []
         for bench, opts in cfg.benchmarks.items():
-            built, rep = build_samples(bench, opts, tok, lm.config.max_position_embeddings, cfg)
+            try:
+                built, rep = build_samples(bench, opts, tok, lm.config.max_position_embeddings, cfg)
+            except ChatTemplateError as e:
+                raise UsageError(f"--models {model!r}: {e}") from None
+            except (TypeError, ValueError, FileNotFoundError) as e:  # options or data the benchmark cannot take
+                raise UsageError(f"--benchmarks {bench!r} with options {opts}: {e}") from None
             log(f"{model}: {rep['summary']}")
             units += [(bench, s, mn) for s, mn in built]
         mine = units[pid::nproc]

@@ -1,19 +1,25 @@
 """Where ``kvjax eval`` keeps its results: the append-only records file, the parts of a distributed run and their
-merge, and the run manifest.
+merge, the run manifest, and the lock that keeps a second run out of a folder in use.
 
 Layout of an output folder: ``results.jsonl`` (one JSON record per line, keyed by ``record["key"]`` =
 ``model|benchmark|sample_id|method|budget``), ``run_config.json`` (the manifest: settings that change a record's
 content beyond its key), and under ``--distributed`` ``parts/results.part-i-of-n.jsonl`` and
-``parts/done-i-of-n.json`` per process. Every record is flushed and fsynced when written, so a killed run loses at
+``parts/done-i-of-n.json`` per process, and the lock files ``eval.lock`` (``eval.lock.part-i-of-n``) naming the run
+that holds the folder (its part). Every record is flushed and fsynced when written, so a killed run loses at
 most the line in flight; unreadable (half-written) lines are dropped on load.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
+import socket
 import sys
+import time
 from typing import Any, Mapping, Sequence
+
+from kvjax.options import UsageError
 
 
 def record_key(model: str, benchmark: str, sample_id: str, method: str, budget: str) -> str:
@@ -175,10 +181,98 @@ def part_path(out: pathlib.Path, pid: int, n: int) -> pathlib.Path:
     return pathlib.Path(out) / "parts" / f"results.part-{pid}-of-{n}.jsonl"
 
 
+class OutputLocked(UsageError):
+    """Another live run holds the output folder (or this process's part of it)."""
+
+
+class OutputLock:
+    """An exclusive lock on an output folder or on one process's part of it: ``fcntl.flock`` on the lock file
+    ``path`` (kept in the folder; the kernel drops the lock when its holder exits, SIGKILL included), which also
+    records the holder (PID, host, start time, command) for the message of a refused run.
+
+    :meth:`acquire` takes it, or raises :class:`OutputLocked` naming the holder, or with ``wait=True`` blocks until
+    the holder is gone. A lock file that still names a holder although nobody holds the lock is stale (its run was
+    killed): taken over, with a notice, and the previous holder kept in :attr:`stale`. :meth:`release` clears the
+    record (a clean exit leaves an empty file) and unlocks. Opening the file raises ``OSError`` when the folder is
+    not writable."""
+
+    def __init__(self, path: str | os.PathLike, what: str, wait: bool = False):
+        self.path = pathlib.Path(path)
+        self.what = what
+        self.wait = wait
+        self.stale: dict | None = None
+        self._f = None
+
+    def _holder(self) -> dict:
+        self._f.seek(0)
+        try:
+            rec = json.loads(self._f.read() or "{}")
+        except json.JSONDecodeError:
+            rec = {}
+        return rec if isinstance(rec, dict) else {}
+
+    def acquire(self) -> "OutputLock":
+        self._f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _describe(self._holder())
+            if not self.wait:
+                self._f.close()
+                self._f = None
+                raise OutputLocked(f"{self.what} is in use by another kvjax eval ({who}); wait for it with --wait, "
+                                   f"or give another --out") from None
+            log(f"{self.what} is in use ({who}); waiting for it to finish (--wait)")
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX)
+        prev = self._holder()
+        if prev:
+            self.stale = prev
+            log(f"{self.what}: taking over the lock of a run that ended without releasing it ({_describe(prev)}; "
+                f"killed?); its finished records are kept and the rest is resumed")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "command": " ".join(sys.argv)}
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(json.dumps(me))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self
+
+    def release(self) -> None:
+        if self._f is None:
+            return
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.flush()
+        fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+        self._f.close()
+        self._f = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _describe(holder: Mapping[str, Any]) -> str:
+    if not holder:
+        return "holder unknown"
+    return (f"PID {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}: "
+            f"{holder.get('command')}")
+
+
+def lock_path(out: pathlib.Path, part: tuple[int, int] | None = None) -> pathlib.Path:
+    """The lock file of the output folder ``out/eval.lock``, or of process ``i`` of ``n``'s part,
+    ``out/eval.lock.part-i-of-n``."""
+    name = "eval.lock" if part is None else f"eval.lock.part-{part[0]}-of-{part[1]}"
+    return pathlib.Path(out) / name
+
+
 def log(msg: str) -> None:
     """A progress or warning line of the harness on stderr (``[eval] msg``)."""
     print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
 
-__all__ = ["ResultStore", "check_manifest", "done_marker", "keep_record", "load_records", "log", "merge_parts",
-           "part_path", "record_key"]
+__all__ = ["OutputLock", "OutputLocked", "ResultStore", "check_manifest", "done_marker", "keep_record", "load_records",
+           "lock_path", "log", "merge_parts", "part_path", "record_key"]
