@@ -4,7 +4,7 @@ The summary table averages each method over its own samples; this pairs them. Fo
 where two non-``full`` methods both finished the same samples, and for each metric, it reports over those samples:
 
 * ``mean_diff``: mean of ``metric(A) - metric(B)`` with a percentile-bootstrap 95% interval
-  (:func:`eval.summary.bootstrap_ci`, resampling samples);
+  (:func:`eval.stats.bootstrap_ci`, resampling samples);
 * ``a_better``: the share of samples where A is strictly better (lower KL; higher agreement, recall, task score;
   a later first divergence), ``ties`` the share of equal values.
 
@@ -18,23 +18,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .summary import _budget_sort, bootstrap_ci, primary_score
+from .grid import budget_sort_key
+from .stats import bootstrap_ci, first_divergence, primary_score
 
 #: metric -> (extractor of a record, +1 if higher is better / -1 if lower is better)
 METRICS = {
     "kl": (lambda r: (r.get("fidelity") or {}).get("kl_mean"), -1),
     "agreement": (lambda r: (r.get("fidelity") or {}).get("top1_agreement"), +1),
-    "first_div": (lambda r: _first_div(r.get("fidelity") or {}), +1),
+    "first_div": (lambda r: first_divergence(r.get("fidelity") or {}), +1),
     "recall": (lambda r: (r.get("fidelity") or {}).get("recall_mean"), +1),
     "score": (lambda r: None if primary_score(r.get("score")) is None else 100.0 * primary_score(r.get("score")), +1),
 }
-
-
-def _first_div(f: Mapping[str, Any]) -> float | None:
-    if not f.get("n_steps") or f.get("reference"):
-        return None
-    d = f.get("first_divergence")
-    return float(d if d is not None else f["n_steps"] + 1)
 
 
 def paired(records: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: int = 0) -> list[dict]:
@@ -65,8 +59,9 @@ def paired(records: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: int =
                              "a_better": float(np.mean(sign * d > 0)), "ties": float(np.mean(d == 0)),
                              "budget_fraction": by_method[a][common[0]].get("budget_fraction")})
     rows.sort(key=lambda r: (str(r["model"]), str(r["benchmark"]), r["a"], r["b"],
-                             _budget_sort({"method": r["a"], "budget": r["budget"],
-                                           "budget_fraction": r["budget_fraction"]}), list(METRICS).index(r["metric"])))
+                             budget_sort_key({"method": r["a"], "budget": r["budget"],
+                                              "budget_fraction": r["budget_fraction"]}),
+                             list(METRICS).index(r["metric"])))
     return rows
 
 

@@ -4,10 +4,11 @@ of task score and fidelity against budget.
 Each row aggregates the finished records (one per sample) of a group:
 
 * ``score``: mean task score ×100 (Text2JSON IoU, MultiNeedle share of needles found, LongProc F1 — the
-  per-sample primary score, see :func:`primary_score`) with a percentile-bootstrap 95% interval over samples
-  (:func:`bootstrap_ci`); samples whose score is None (the authors' "bad samples") are left out;
+  per-sample primary score, see :func:`eval.stats.primary_score`) with a percentile-bootstrap 95% interval over
+  samples (:func:`eval.stats.bootstrap_ci`); samples whose score is None (the authors' "bad samples") are left out;
 * fidelity to full attention (eval/fidelity.py): mean KL(full ‖ method) per token, top-1 agreement, the median
-  first divergence (samples that never diverge count as their number of steps) and the mean attention recall;
+  first divergence (samples that never diverge count as later than any step; "–" when the median one never
+  diverged) and the mean attention recall;
 * ``device B/tok`` and ``host B/tok``: bytes of the policy state per prompt token (``memory_report``);
 * ``s/sample``: seconds per sample (shared prefill + the method's build and free-run decode);
 * ``errors``: records that failed (listed, never averaged).
@@ -15,92 +16,20 @@ Each row aggregates the finished records (one per sample) of a group:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import pathlib
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-PRIMARY_KEYS = ("score", "found", "f1")
+from . import compare
+from .grid import budget_sort_key
+from .stats import bootstrap_ci, first_divergence, mean as stat_mean, primary_score
 
 COLUMNS = ("model", "benchmark", "method", "budget", "n", "score", "score_lo", "score_hi", "kl_mean",
            "top1_agreement", "first_divergence_median", "recall_mean", "device_bytes_per_token",
            "host_bytes_per_token", "seconds_per_sample", "prompt_tokens", "generated_tokens", "errors")
-
-
-def primary_score(score: Mapping[str, Any] | None) -> float | None:
-    """The per-sample scalar a benchmark's ``score`` dict stands for, in [0, 1]: "score" (Text2JSON), "found"
-    (MultiNeedle), "f1" (LongProc), else the first numeric value; None when absent or None."""
-    if not score:
-        return None
-    for k in PRIMARY_KEYS:
-        if k in score:
-            v = score[k]
-            return None if v is None else float(v)
-    for v in score.values():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return None
-
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
-                 ) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap interval of the mean of ``values`` (resampling samples with
-    replacement ``n_boot`` times, fixed ``seed``). One value gives a zero-width interval; none gives NaNs."""
-    if not 0 < level < 1:
-        raise ValueError(f"level={level}, allowed: (0, 1)")
-    if n_boot < 1:
-        raise ValueError(f"n_boot={n_boot}, allowed: int >= 1 resamples")
-    x = np.asarray([v for v in values if v is not None], np.float64)
-    if x.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(x.mean())
-    if x.size == 1:
-        return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    a = (1 - level) / 2
-    lo, hi = np.quantile(means, [a, 1 - a])
-    return mean, float(min(lo, mean)), float(max(hi, mean))
-
-
-def load_records(path: str | os.PathLike) -> list[dict]:
-    """Records of a results JSONL file, one per key: the first, unless a later one without ``error`` replaces an
-    error record (a retried failure). Unreadable lines are skipped."""
-    out: dict[str, dict] = {}
-    p = pathlib.Path(path)
-    if not p.exists():
-        return []
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
-                continue
-            keep_record(out, rec)
-    return list(out.values())
-
-
-def keep_record(records: dict[str, dict], rec: dict) -> None:
-    """Keep the first record of a key, except that a record without ``error`` replaces an error record."""
-    old = records.get(rec["key"])
-    if old is None or (old.get("error") and not rec.get("error")):
-        records[rec["key"]] = rec
-
-
-def _mean(xs: Iterable[float | None]) -> float | None:
-    v = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return float(np.mean(v)) if v else None
-
-
-def _budget_sort(rec_or_row: Mapping[str, Any]) -> tuple:
-    f = rec_or_row.get("budget_fraction")
-    return (0 if rec_or_row.get("method") == "full" else 1, rec_or_row.get("method", ""),
-            f if isinstance(f, (int, float)) else math.inf, str(rec_or_row.get("budget")))
 
 
 def summarize(records: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: int = 0) -> list[dict]:
@@ -115,27 +44,25 @@ def summarize(records: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: in
         scores = [100.0 * s for s in scores if s is not None]
         mean, lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
         fid = [r.get("fidelity") or {} for r in ok]
-        firsts = []
-        for f in fid:
-            if f.get("n_steps") and not f.get("reference"):
-                d = f.get("first_divergence")
-                firsts.append(d if d is not None else f["n_steps"] + 1)
+        firsts = [d for d in (first_divergence(f, never=math.inf) for f in fid) if d is not None]
+        first_median = float(np.median(firsts)) if firsts else math.inf
         rows.append({
             "model": model, "benchmark": bench, "method": method, "budget": budget,
-            "budget_fraction": _mean(r.get("budget_fraction") for r in ok),
+            "budget_fraction": stat_mean(r.get("budget_fraction") for r in ok),
             "n": len(ok), "score": mean, "score_lo": lo, "score_hi": hi,
-            "kl_mean": _mean(f.get("kl_mean") for f in fid),
-            "top1_agreement": _mean(f.get("top1_agreement") for f in fid),
-            "first_divergence_median": float(np.median(firsts)) if firsts else None,
-            "recall_mean": _mean(f.get("recall_mean") for f in fid),
-            "device_bytes_per_token": _mean(r.get("device_bytes_per_prompt_token") for r in ok),
-            "host_bytes_per_token": _mean(r.get("host_bytes_per_prompt_token") for r in ok),
-            "seconds_per_sample": _mean(r.get("seconds") for r in ok),
-            "prompt_tokens": _mean(r.get("prompt_tokens") for r in ok),
-            "generated_tokens": _mean(r.get("n_generated") for r in ok),
+            "kl_mean": stat_mean(f.get("kl_mean") for f in fid),
+            "top1_agreement": stat_mean(f.get("top1_agreement") for f in fid),
+            # None (shown "–") also when the median sample never diverged
+            "first_divergence_median": first_median if math.isfinite(first_median) else None,
+            "recall_mean": stat_mean(f.get("recall_mean") for f in fid),
+            "device_bytes_per_token": stat_mean(r.get("device_bytes_per_prompt_token") for r in ok),
+            "host_bytes_per_token": stat_mean(r.get("host_bytes_per_prompt_token") for r in ok),
+            "seconds_per_sample": stat_mean(r.get("seconds") for r in ok),
+            "prompt_tokens": stat_mean(r.get("prompt_tokens") for r in ok),
+            "generated_tokens": stat_mean(r.get("n_generated") for r in ok),
             "errors": len(recs) - len(ok),
         })
-    rows.sort(key=lambda r: (str(r["model"]), str(r["benchmark"])) + _budget_sort(r))
+    rows.sort(key=lambda r: (str(r["model"]), str(r["benchmark"])) + budget_sort_key(r))
     return rows
 
 
@@ -237,35 +164,42 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list[
     return files
 
 
+def render(records: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict], list[dict]]:
+    """(markdown, summary rows, paired rows) of ``records``: the tables of :func:`to_markdown`, followed by the
+    paired comparison (:mod:`eval.compare`) when two methods share a budget. Writes nothing."""
+    rows = summarize(records)
+    md = to_markdown(rows) if rows else "(no finished records)\n"
+    pairs = compare.paired(records)
+    if pairs:  # two methods at the same budget: which stays closer to full, sample by sample
+        md += "\n" + compare.to_markdown(pairs)
+    return md, rows, pairs
+
+
+NOTES = ("\nscore: mean task score ×100 with a bootstrap 95% interval over samples; KL: mean KL(full ‖ method) per "
+         "decode step (nats), teacher-forced on full's greedy output; top-1 agr: share of those steps where the "
+         "method's greedy token equals full's; 1st div: median index of the first differing generated token (– when "
+         "the median sample never diverged); recall: share of exact attention mass over the prompt on the tokens the "
+         "method attends (mean over query heads, layers, KV heads and measured steps); B/tok: policy-state bytes per "
+         "prompt token; s/sample: shared prefill + the method's build and decode.\n")
+
+
 def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, plots: bool = True
                   ) -> tuple[str, list[dict]]:
     """summary.md, summary.csv, paired.csv (:mod:`eval.compare`, when two methods share a budget) and plots/ for
     ``records`` under ``out_dir``; returns (markdown, rows)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from . import compare
-
-    rows = summarize(records)
-    md = to_markdown(rows) if rows else "(no finished records)\n"
-    pairs = compare.paired(records)
-    if pairs:  # two methods at the same budget: which stays closer to full, sample by sample
-        md += "\n" + compare.to_markdown(pairs)
+    md, rows, pairs = render(records)
+    if pairs:
         with open(out_dir / "paired.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(pairs[0]))
             w.writeheader()
             w.writerows(pairs)
-    notes = ("\nscore: mean task score ×100 with a bootstrap 95% interval over samples; KL: mean KL(full ‖ method) "
-             "per decode step (nats), teacher-forced on full's greedy output; top-1 agr: share of those steps where "
-             "the method's greedy token equals full's; 1st div: median index of the first differing generated token "
-             "(never = steps + 1); recall: share of exact attention mass over the prompt on the tokens the method "
-             "attends (mean over query heads, layers, KV heads and measured steps); B/tok: policy-state bytes per "
-             "prompt token; s/sample: shared prefill + the method's build and decode.\n")
-    (out_dir / "summary.md").write_text(md + notes, encoding="utf-8")
+    (out_dir / "summary.md").write_text(md + NOTES, encoding="utf-8")
     write_csv(rows, out_dir / "summary.csv")
     if plots and rows:
         plot(rows, out_dir / "plots")
     return md, rows
 
 
-__all__ = ["COLUMNS", "bootstrap_ci", "keep_record", "load_records", "plot", "primary_score", "summarize",
-           "to_markdown", "write_csv", "write_summary"]
+__all__ = ["COLUMNS", "NOTES", "plot", "render", "summarize", "to_markdown", "write_csv", "write_summary"]

@@ -61,37 +61,53 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def load_model(name_or_path: str, dtype="bfloat16", mesh=None, config_overrides: dict | None = None) -> LoadedModel:
-    """Load a model by registry name or path (HF dir with config.json, ``.gguf`` file, kvjax orbax dir).
-
-    ``dtype``: parameter/activation dtype ("bfloat16" default, "float32" on request). ``mesh``: an optional
-    ``("data", "model")`` mesh; parameters are created directly with their shardings.
-    """
-    dt = resolve_dtype(dtype)
+def resolve_source(name_or_path: str) -> tuple[str, str]:
+    """Where :func:`load_model` would read ``name_or_path`` from, found without reading any weights:
+    ``(kind, path)`` with kind ``"bundled"`` (a known name, its GGUF file), ``"gguf"``, ``"orbax"`` (a kvjax
+    checkpoint dir) or ``"hf"`` (a Hugging Face checkpoint dir). Raises ``FileNotFoundError`` for an unknown name
+    or a missing path (and for a config preset, which needs a downloaded checkpoint), :class:`WeightError` for a
+    directory that is neither checkpoint kind."""
     key = name_or_path.lower() if isinstance(name_or_path, str) else name_or_path
     if key in BUNDLED:
-        path = bundled_path(key)
-        return _load_gguf(path, dt, mesh, name=key)
+        return "bundled", bundled_path(key)
     if key in PRESETS:
         raise FileNotFoundError(
             f"model {name_or_path!r} is a config preset: download its Hugging Face checkpoint and pass the "
             f"directory, e.g. load_model('/path/to/{PRESETS[key].name.split('/')[-1]}')")
     path = os.fspath(name_or_path)
     if os.path.isfile(path) and path.endswith(".gguf"):
-        return _load_gguf(path, dt, mesh)
+        return "gguf", path
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "kvjax_config.json")):
-            return _load_orbax(path, dt, mesh)
+            return "orbax", path
         if os.path.exists(os.path.join(path, "config.json")):
-            cfg = ModelConfig.from_hf(path)
-            if config_overrides:
-                cfg = cfg.replace(**config_overrides)
-            params = load_safetensors_params(path, cfg, dt, mesh)
-            tok = tokenizer_from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
-            return _finish(cfg, params, dt, tok, path, mesh)
+            return "hf", path
         raise WeightError(f"{path} has neither config.json (Hugging Face) nor kvjax_config.json (orbax)")
     raise FileNotFoundError(f"unknown model {name_or_path!r}: not a known name ({', '.join(known_models())}), "
                             f"nor an existing .gguf file or checkpoint directory")
+
+
+def load_model(name_or_path: str, dtype="bfloat16", mesh=None, config_overrides: dict | None = None) -> LoadedModel:
+    """Load a model by registry name or path (HF dir with config.json, ``.gguf`` file, kvjax orbax dir; see
+    :func:`resolve_source`).
+
+    ``dtype``: parameter/activation dtype ("bfloat16" default, "float32" on request). ``mesh``: an optional
+    ``("data", "model")`` mesh; parameters are created directly with their shardings.
+    """
+    dt = resolve_dtype(dtype)
+    kind, path = resolve_source(name_or_path)
+    if kind == "bundled":
+        return _load_gguf(path, dt, mesh, name=name_or_path.lower())
+    if kind == "gguf":
+        return _load_gguf(path, dt, mesh)
+    if kind == "orbax":
+        return _load_orbax(path, dt, mesh)
+    cfg = ModelConfig.from_hf(path)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    params = load_safetensors_params(path, cfg, dt, mesh)
+    tok = tokenizer_from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
+    return _finish(cfg, params, dt, tok, path, mesh)
 
 
 def _finish(cfg, params, dt, tok, source, mesh) -> LoadedModel:

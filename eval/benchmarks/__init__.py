@@ -8,7 +8,7 @@ Usage:
     bench.aggregate(samples, scores)
 
 Registered names: "text2json" (the authors' JSONL format), "text2json_synth" (§2.7 generator), "multineedle",
-"longproc".
+"longproc", "toy_retrieval" (a data-free smoke test, eval/benchmarks/toy.py).
 """
 from .base import (Benchmark, CountTokens, SimpleCodec, Sample, SkipReport, TokenCodec, as_codec, available,
                    cl100k_codec, count_simple_tokens, filter_by_length, get_benchmark, load, register,
@@ -16,10 +16,11 @@ from .base import (Benchmark, CountTokens, SimpleCodec, Sample, SkipReport, Toke
 from .longproc import load_longproc
 from .multineedle import build_multineedle
 from .text2json import generate_text2json, load_text2json, make_text2json_sample, write_text2json_jsonl
+from .toy import ToyRetrieval
 
 __all__ = [
     "Benchmark", "CountTokens", "Sample", "SkipReport", "SimpleCodec", "TokenCodec", "as_codec", "available",
     "build_multineedle", "cl100k_codec", "count_simple_tokens", "filter_by_length", "generate_text2json",
     "get_benchmark", "load", "load_longproc", "load_text2json", "make_text2json_sample", "register",
-    "resolve_data_dir", "write_text2json_jsonl",
+    "resolve_data_dir", "ToyRetrieval", "write_text2json_jsonl",
 ]

@@ -138,6 +138,8 @@ class Benchmark(Protocol):
     def aggregate(self, samples: Sequence[Sample], scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]: ...
 
 
+#: name -> benchmark; each benchmark module registers itself on import, and the package (eval/benchmarks/__init__.py)
+#: imports every benchmark module, so importing any part of eval.benchmarks fills it.
 _REGISTRY: dict[str, Benchmark] = {}
 
 
@@ -149,20 +151,13 @@ def register(benchmark: Benchmark) -> Benchmark:
 
 def available() -> list[str]:
     """Names of the registered benchmarks."""
-    _ensure_registered()
     return sorted(_REGISTRY)
 
 
 def get_benchmark(name: str) -> Benchmark:
-    _ensure_registered()
     if name not in _REGISTRY:
         raise KeyError(f"benchmark {name!r} is unknown; available: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
-
-
-def _ensure_registered() -> None:
-    # Importing the modules registers them; done lazily so base.py has no import cycle.
-    from . import longproc, multineedle, text2json  # noqa: F401
 
 
 def load(name: str, *, count_tokens: CountTokens | None = None, max_prompt_tokens: int | None = None,

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from eval import runner, summary
+import argparse
+
+from eval import cli as eval_cli, runner, store
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(REPO / "tests" / "fixtures" / "hf" / "tiny_llama")
@@ -30,16 +32,16 @@ def _stable(rec: dict) -> dict:
 @pytest.mark.slow
 def test_two_processes_merge_to_the_single_process_records(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    p = runner.argparse.ArgumentParser()
-    runner.add_args(p)
-    single = runner.run(runner.config_from_args(p.parse_args(COMMON + ["--out", str(one)])))
+    p = argparse.ArgumentParser()
+    eval_cli.add_args(p)
+    single = runner.run(eval_cli.config_from_args(p.parse_args(COMMON + ["--out", str(one)])))
     assert single["computed"] == 6
 
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "eval.runner", *COMMON, "--out", str(two), "--distributed",
+        [sys.executable, "-m", "eval.cli", *COMMON, "--out", str(two), "--distributed",
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
          "--merge-timeout", "300"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
@@ -54,8 +56,8 @@ def test_two_processes_merge_to_the_single_process_records(tmp_path):
     for pr, out in zip(procs, outs):
         assert pr.returncode == 0, out[-3000:]
 
-    a = {r["key"]: r for r in summary.load_records(one / "results.jsonl")}
-    b = {r["key"]: r for r in summary.load_records(two / "results.jsonl")}
+    a = {r["key"]: r for r in store.load_records(one / "results.jsonl")}
+    b = {r["key"]: r for r in store.load_records(two / "results.jsonl")}
     assert set(a) == set(b) and len(b) == 6
     lines = (two / "results.jsonl").read_text().splitlines()
     assert len(lines) == 6  # merged once, no duplicates

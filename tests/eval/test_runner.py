@@ -1,4 +1,5 @@
-"""The evaluation runner (eval/runner.py) and its summaries (eval/summary.py): budgets, grid, resume, store, CLI."""
+"""The evaluation harness: CLI parsing (eval/cli.py), budgets and method grid (eval/grid.py), presets, the toy
+benchmark, the result store (eval/store.py), the run loop (eval/runner.py) and its summaries (eval/summary.py)."""
 import argparse
 import json
 import math
@@ -7,44 +8,46 @@ import pathlib
 import numpy as np
 import pytest
 
-from eval import runner, summary
+from eval import cli as eval_cli, grid, presets, runner, stats, store, summary
 from eval.benchmarks import get_benchmark
+from eval.benchmarks.toy import ToyRetrieval
+from models.tokenizer import ByteTokenizer
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "tiny_llama")
 
 
 def _args(*argv):
     p = argparse.ArgumentParser()
-    runner.add_args(p)
+    eval_cli.add_args(p)
     return p.parse_args(list(argv))
 
 
 def _toy_cfg(out, *extra):
-    return runner.config_from_args(_args("--preset", "toy", "--models", TINY, "--out", str(out), "--no-progress",
-                                         "--no-plots", "--bench-opt", "toy_retrieval.n_samples=3",
-                                         "--bench-opt", "toy_retrieval.max_new_tokens=5", *extra))
+    return eval_cli.config_from_args(_args("--preset", "toy", "--models", TINY, "--out", str(out), "--no-progress",
+                                           "--no-plots", "--bench-opt", "toy_retrieval.n_samples=3",
+                                           "--bench-opt", "toy_retrieval.max_new_tokens=5", *extra))
 
 
 # ------------------------------------------------------------------------------------------------ parsing
 def test_parse_budget_forms():
-    assert runner.parse_budget("1/64") == ("1/64", 1 / 64)
-    assert runner.parse_budget("0.03125") == ("1/32", 0.03125)
-    assert runner.parse_budget("2048") == ("2048", 2048)
-    assert runner.parse_budget("0.3") == ("0.3", 0.3)
-    assert runner.parse_budget("default") == ("default", None)
+    assert grid.parse_budget("1/64") == ("1/64", 1 / 64)
+    assert grid.parse_budget("0.03125") == ("1/32", 0.03125)
+    assert grid.parse_budget("2048") == ("2048", 2048)
+    assert grid.parse_budget("0.3") == ("0.3", 0.3)
+    assert grid.parse_budget("default") == ("default", None)
     for bad in ("1.5", "-3", "abc", "1/0"):
         with pytest.raises(ValueError, match="budget"):
-            runner.parse_budget(bad)
+            grid.parse_budget(bad)
 
 
 def test_method_specs_paper_defaults_and_grid():
-    specs = runner.method_specs(["full", "yakv", "shadowkv"], [("default", None)], {})
+    specs = grid.method_specs(["full", "yakv", "shadowkv"], [("default", None)], {})
     got = {(s.method, s.budget): s for s in specs}
     assert set(got) == {("full", "-"), ("yakv", "1/32"), ("shadowkv", "1/64")}
     assert got[("yakv", "1/32")].policy.config.sparse_budget == pytest.approx(1 / 32)
     assert got[("shadowkv", "1/64")].policy.config.sparse_budget == pytest.approx(1 / 64)
-    specs = runner.method_specs(["full", "yakv"], [runner.parse_budget(b) for b in ("1/64", "1/8", "256")],
-                                {"yakv": {"local_budget": 16}})
+    specs = grid.method_specs(["full", "yakv"], [grid.parse_budget(b) for b in ("1/64", "1/8", "256")],
+                              {"yakv": {"local_budget": 16}})
     yk = [s for s in specs if s.method == "yakv"]
     assert [s.budget for s in yk] == ["1/64", "1/8", "256"]
     assert [s.policy.config.sparse_budget for s in yk] == [1 / 64, 1 / 8, 256]
@@ -53,9 +56,9 @@ def test_method_specs_paper_defaults_and_grid():
 
 
 def test_method_variants_carry_their_own_options_and_label():
-    specs = runner.method_specs(["full", "yakv", "yakv[store_format=none;local_budget=32]"],
-                                [runner.parse_budget("1/16")],
-                                {"yakv": {"local_budget": 16}, "yakv[store_format=none;local_budget=32]": {"chunk_size": 1}})
+    specs = grid.method_specs(["full", "yakv", "yakv[store_format=none;local_budget=32]"],
+                              [grid.parse_budget("1/16")],
+                              {"yakv": {"local_budget": 16}, "yakv[store_format=none;local_budget=32]": {"chunk_size": 1}})
     got = {s.method: s.policy.config for s in specs}
     assert set(got) == {"full", "yakv", "yakv[store_format=none;local_budget=32]"}
     plain, variant = got["yakv"], got["yakv[store_format=none;local_budget=32]"]
@@ -63,32 +66,32 @@ def test_method_variants_carry_their_own_options_and_label():
     # base-name options apply to the variant too, inline ones win; the budget knob is set as for the base
     assert (variant.store_format, variant.local_budget, variant.sparse_budget) == ("none", 32, 1 / 16)
     with pytest.raises(ValueError, match="full attention"):
-        runner.method_specs(["full[store_format=none]"], [("default", None)], {})
+        grid.method_specs(["full[store_format=none]"], [("default", None)], {})
 
 
 def test_default_cli_is_the_default_preset():
     from kvjax import cli
 
     args = cli.build_parser().parse_args(["eval"])
-    cfg = runner.config_from_args(args)
+    cfg = eval_cli.config_from_args(args)
     assert cfg.models == ["smollm2-135m"]
     assert cfg.methods == ["full", "yakv", "shadowkv"]
     assert set(cfg.benchmarks) == {"text2json_synth", "multineedle"}
     assert cfg.benchmarks["text2json_synth"]["answer_format"] == "lines"
     assert cfg.out == pathlib.Path("runs/default")
-    cfg = runner.config_from_args(cli.build_parser().parse_args(
+    cfg = eval_cli.config_from_args(cli.build_parser().parse_args(
         ["eval", "--methods", "full,yakv", "--budgets", "1/64,1/32", "--bench-opt", "multineedle.context_length=4000",
          "--benchmarks", "multineedle", "--max-samples", "2", "--out", "x"]))
     assert cfg.methods == ["full", "yakv"] and cfg.budgets == [("1/64", 1 / 64), ("1/32", 1 / 32)]
-    assert cfg.benchmarks == {"multineedle": {**runner.PRESETS["default"]["benchmarks"]["multineedle"],
+    assert cfg.benchmarks == {"multineedle": {**presets.PRESETS["default"]["benchmarks"]["multineedle"],
                                               "context_length": 4000}}
     with pytest.raises(ValueError, match="bench-opt"):
-        runner.config_from_args(_args("--bench-opt", "nocolon"))
+        eval_cli.config_from_args(_args("--bench-opt", "nocolon"))
 
 
 def test_larger_preset_is_the_run_asked_for():
     """20 Text2JSON samples at 4k-7k tokens + MultiNeedle at ~8k, budgets 1/64 to 1/8, yakv vs shadowkv."""
-    cfg = runner.config_from_args(_args("--preset", "larger"))
+    cfg = eval_cli.config_from_args(_args("--preset", "larger"))
     assert cfg.methods == ["full", "yakv", "shadowkv"]
     assert [f for _, f in cfg.budgets] == [1 / 64, 1 / 32, 1 / 16, 1 / 8]
     t2j = cfg.benchmarks["text2json_synth"]
@@ -98,22 +101,22 @@ def test_larger_preset_is_the_run_asked_for():
 
 
 def test_toy_benchmark_scores_substring():
-    samples, _ = runner.ToyRetrieval().build(n_samples=2, n_pairs=5, seed=1)
+    samples, _ = ToyRetrieval().build(n_samples=2, n_pairs=5, seed=1)
     s = samples[0]
     assert s.gold in s.user_text and f"is {s.gold}." in s.user_text
     bench = get_benchmark("toy_retrieval")
     assert bench.score(s, f"It is {s.gold}.") == {"score": 1.0}
     assert bench.score(s, "no idea") == {"score": 0.0}
-    assert runner.ToyRetrieval().build(n_samples=2, n_pairs=5, seed=1)[0] == samples  # deterministic
+    assert ToyRetrieval().build(n_samples=2, n_pairs=5, seed=1)[0] == samples  # deterministic
 
 
 def test_byte_tokenizer_round_trip():
-    tok = runner.ByteTokenizer(512, (2,))
+    tok = ByteTokenizer(512, (2,))
     text = "Facts: key-3 is 42 — ok"
     assert tok.decode(tok.encode(text)) == text
     assert min(tok.encode(text)) >= 3 and tok.stop_ids() == (2,)
     with pytest.raises(ValueError, match="vocab_size"):
-        runner.ByteTokenizer(200)
+        ByteTokenizer(200)
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -122,19 +125,19 @@ def test_result_store_drops_cut_lines_and_keeps_first(tmp_path):
     a = {"key": "a", "v": 1}
     b = {"key": "b", "v": 2}
     p.write_text(json.dumps(a) + "\n" + json.dumps({"key": "a", "v": 99}) + "\n" + json.dumps(b)[:10])
-    st = runner.ResultStore(p)
+    st = store.ResultStore(p)
     assert st.get("a")["v"] == 1 and "b" not in st and st.dropped == 1
     assert st.add({"key": "b", "v": 3}) and not st.add({"key": "b", "v": 4})
     st.close()
     lines = [json.loads(x) for x in p.read_text().splitlines()]
     assert [r["key"] for r in lines] == ["a", "a", "b"]
-    st2 = runner.ResultStore(p)
+    st2 = store.ResultStore(p)
     assert st2.get("b")["v"] == 3 and st2.get("a")["v"] == 1
     st2.replace({"key": "c", "error": "boom"})
     st2.replace({"key": "c", "v": 5})  # a later success replaces an error on load
     st2.close()
-    assert runner.ResultStore(p).get("c") == {"key": "c", "v": 5}
-    assert {r["key"]: r for r in summary.load_records(p)}["c"] == {"key": "c", "v": 5}
+    assert store.ResultStore(p).get("c") == {"key": "c", "v": 5}
+    assert {r["key"]: r for r in store.load_records(p)}["c"] == {"key": "c", "v": 5}
 
 
 def test_merge_parts_first_wins(tmp_path):
@@ -143,8 +146,8 @@ def test_merge_parts_first_wins(tmp_path):
     p0.write_text(json.dumps({"key": "x", "v": 0}) + "\n" + json.dumps({"key": "e", "error": "bad"}) + "\n")
     p1.write_text(json.dumps({"key": "x", "v": 1}) + "\n" + json.dumps({"key": "y", "v": 2}) + "\n"
                   + json.dumps({"key": "e", "v": 3}) + "\n")
-    assert runner.merge_parts(tmp_path, [p0, p1]) == 3
-    recs = {r["key"]: r for r in summary.load_records(tmp_path / "results.jsonl")}
+    assert store.merge_parts(tmp_path, [p0, p1]) == 3
+    recs = {r["key"]: r for r in store.load_records(tmp_path / "results.jsonl")}
     assert recs == {"x": {"key": "x", "v": 0}, "y": {"key": "y", "v": 2}, "e": {"key": "e", "v": 3}}
 
 
@@ -153,15 +156,15 @@ def test_bootstrap_ci_contains_mean_and_shrinks():
     rng = np.random.default_rng(0)
     small = rng.random(10)
     large = rng.random(1000)
-    m1, lo1, hi1 = summary.bootstrap_ci(small, seed=1)
-    m2, lo2, hi2 = summary.bootstrap_ci(large, seed=1)
+    m1, lo1, hi1 = stats.bootstrap_ci(small, seed=1)
+    m2, lo2, hi2 = stats.bootstrap_ci(large, seed=1)
     assert m1 == pytest.approx(small.mean()) and m2 == pytest.approx(large.mean())
     assert lo1 <= m1 <= hi1 and lo2 <= m2 <= hi2
     assert (hi2 - lo2) < 0.5 * (hi1 - lo1)
     # normal-theory width of the mean of U(0,1): 2*1.96*sqrt(1/12/n); the bootstrap agrees within 20%
     assert (hi2 - lo2) == pytest.approx(2 * 1.96 * math.sqrt(1 / 12 / 1000), rel=0.2)
-    assert summary.bootstrap_ci([0.7]) == (0.7, 0.7, 0.7)
-    assert all(math.isnan(x) for x in summary.bootstrap_ci([]))
+    assert stats.bootstrap_ci([0.7]) == (0.7, 0.7, 0.7)
+    assert all(math.isnan(x) for x in stats.bootstrap_ci([]))
 
 
 def test_summarize_groups_and_scales(tmp_path):
@@ -190,6 +193,24 @@ def test_summarize_groups_and_scales(tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["m__b__fidelity.png", "m__b__score.png"]
 
 
+def test_first_divergence_column_for_sequences_that_never_diverged():
+    def rec(sid, method, first, steps=8):
+        return {"key": f"m|b|{sid}|{method}|1/32", "model": "m", "benchmark": "b", "sample_id": sid, "method": method,
+                "budget": "1/32", "budget_fraction": 1 / 32, "score": {"found": 1.0},
+                "fidelity": {"n_steps": steps, "first_divergence": first, "kl_mean": 0.0, "top1_agreement": 1.0}}
+
+    never = [rec("s0", "a", None), rec("s1", "a", None, steps=20)]  # no sample diverged
+    mixed = [rec("s0", "b", 3), rec("s1", "b", None), rec("s2", "b", 5)]  # 3, 5, never -> median 5
+    most_never = [rec("s0", "c", 2), rec("s1", "c", None), rec("s2", "c", None)]  # 2, never, never -> never
+    rows = {r["method"]: r for r in summary.summarize(never + mixed + most_never)}
+    assert rows["a"]["first_divergence_median"] is None and rows["c"]["first_divergence_median"] is None
+    assert rows["b"]["first_divergence_median"] == 5
+    md = summary.to_markdown(list(rows.values()))
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[6] for line in md.splitlines()
+             if line.startswith("| a ") or line.startswith("| b ") or line.startswith("| c ")}
+    assert cells == {"a": "–", "b": "5", "c": "–"}  # never n_steps + 1 (9 or 21)
+
+
 # ------------------------------------------------------------------------------------------------ runs
 class Stop(Exception):
     pass
@@ -207,7 +228,7 @@ def test_resume_after_interruption(tmp_path):
 
     with pytest.raises(Stop):
         runner.run(cfg, on_record=interrupt)
-    first = {r["key"]: r for r in summary.load_records(out / "results.jsonl")}
+    first = {r["key"]: r for r in store.load_records(out / "results.jsonl")}
     assert list(first) == seen  # every finished record was flushed before the interruption
     res = runner.run(cfg)
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -233,8 +254,8 @@ def test_resumed_reference_gives_identical_fidelity(tmp_path):
     runner.run(_toy_cfg(a, "--methods", "full,yakv", "--bench-opt", "toy_retrieval.n_samples=1"))
     runner.run(_toy_cfg(b, "--methods", "full", "--bench-opt", "toy_retrieval.n_samples=1"))
     runner.run(_toy_cfg(b, "--methods", "full,yakv", "--bench-opt", "toy_retrieval.n_samples=1"))
-    ra = {r["key"]: r for r in summary.load_records(a / "results.jsonl")}
-    rb = {r["key"]: r for r in summary.load_records(b / "results.jsonl")}
+    ra = {r["key"]: r for r in store.load_records(a / "results.jsonl")}
+    rb = {r["key"]: r for r in store.load_records(b / "results.jsonl")}
     assert set(ra) == set(rb)
     for k in ra:
         assert ra[k]["prediction"] == rb[k]["prediction"]
@@ -247,7 +268,7 @@ def test_errors_are_recorded_not_fatal(tmp_path):
     # shadowkv's default 384 outlier tokens do not fit a ~260-token prompt: an error record, the rest runs
     out = tmp_path / "err"
     res = runner.run(_toy_cfg(out, "--methods", "full,shadowkv", "--bench-opt", "toy_retrieval.n_samples=1"))
-    recs = {r["method"]: r for r in summary.load_records(out / "results.jsonl")}
+    recs = {r["method"]: r for r in store.load_records(out / "results.jsonl")}
     assert "outlier_budget" in recs["shadowkv"]["error"]
     assert not recs["full"].get("error")
     assert res["computed"] == 2
@@ -258,13 +279,13 @@ def test_errors_are_recorded_not_fatal(tmp_path):
 @pytest.mark.slow
 def test_smollm2_small_run(tmp_path):
     out = tmp_path / "s"
-    cfg = runner.config_from_args(_args(
+    cfg = eval_cli.config_from_args(_args(
         "--out", str(out), "--no-progress", "--benchmarks", "text2json_synth", "--max-samples", "1",
         "--bench-opt", "text2json_synth.target_tokens=600", "--bench-opt", "text2json_synth.n_entities=3",
         "--bench-opt", "text2json_synth.max_new_tokens=24", "--methods", "full,yakv,shadowkv",
         "--policy-opt", "shadowkv.outlier_budget=64"))
     res = runner.run(cfg)
-    recs = summary.load_records(out / "results.jsonl")
+    recs = store.load_records(out / "results.jsonl")
     assert {r["method"] for r in recs} == {"full", "yakv", "shadowkv"}
     assert all(not r.get("error") for r in recs), [r.get("error") for r in recs]
     assert all(r["device_bytes_per_prompt_token"] > 0 for r in recs)
@@ -272,7 +293,7 @@ def test_smollm2_small_run(tmp_path):
 
 
 def test_samples_without_room_for_generation_are_skipped_not_cut():
-    tok = runner.ByteTokenizer(512, (2,))
+    tok = ByteTokenizer(512, (2,))
     cfg = _toy_cfg("unused")
     opts = {"n_samples": 3, "n_pairs": 12, "max_new_tokens": 8}
     built, _ = runner.build_samples("toy_retrieval", opts, tok, 10_000, cfg)
