@@ -116,24 +116,28 @@ class Prefilled:
         return int(self.lengths[0])
 
     def session(self, policy) -> Session:
-        """The session of ``policy`` (a name or Policy); each may be taken once (decoding consumes its state)."""
+        """A session of ``policy`` (a name or Policy); each built session may be taken once (decoding consumes it)."""
         pol = make_policy(policy)
-        if pol not in self.sessions:
-            raise KeyError(f"policy {pol!r} was not built by this prefill ({list(self.sessions)})")
-        return self.sessions.pop(pol)
+        if not self.sessions.get(pol):
+            raise KeyError(f"no (more) session of {pol!r} from this prefill ({list(self.sessions)})")
+        return self.sessions[pol].pop(0)
 
 
 def prefill(engine: Engine, ids: Sequence[int], max_new: int, policies: Sequence = ("full",),
             recall: bool = True) -> Prefilled:
-    """One exact prefill of a prompt (token ids) building every policy's state, with room for ``max_new`` tokens.
-    ``recall`` keeps the exact prompt keys for the attention-recall probe."""
-    pols = list(dict.fromkeys(make_policy(p) for p in policies))
+    """One exact prefill of a prompt (token ids) building every policy's state, with room for ``max_new`` tokens:
+    one session per entry of ``policies`` (equal policies share one build). ``recall`` keeps the exact prompt keys
+    for the attention-recall probe."""
+    pols = [make_policy(p) for p in policies]
     t0 = time.perf_counter()
-    want_keys = recall and any(p.has_attended_mask and p.name != "full" for p in pols)
+    want_keys = recall and any(p.has_attended_mask for p in pols)
     sessions = engine.start([list(ids)], max_new, policies=pols, exact_keys=want_keys)
     first = np.asarray(sessions[0].first_logits)[0].astype(np.float32)
     jax.block_until_ready([s.state for s in sessions])
-    return Prefilled(list(ids), sessions[0].lengths, first, dict(zip(pols, sessions)), time.perf_counter() - t0)
+    by_policy: dict = {}
+    for p, sess in zip(pols, sessions):
+        by_policy.setdefault(p, []).append(sess)
+    return Prefilled(list(ids), sessions[0].lengths, first, by_policy, time.perf_counter() - t0)
 
 
 @dataclasses.dataclass

@@ -350,7 +350,10 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
     """The grid loop of :func:`run` over this process's samples of every model; counter[0] counts new records."""
     from tqdm import tqdm
 
-    from kvjax.engine import Engine
+    import numpy as np
+
+    from kvjax.engine import Engine, generation_bucket
+    from kvjax.policies import make_policy
     from models import load_model
     from models.tokenizer import ByteTokenizer, ChatTemplateError
 
@@ -364,13 +367,7 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
             raise UsageError(f"--models {model!r}: {e}") from None
         stop_ids = tuple(tok.stop_ids())
         base = Engine(lm, policy="full", mesh=mesh)
-        engines = {}
-
-        def engine_for(policy):  # one engine (shared prefill cache) and one jitted decoder per policy
-            if policy not in engines:
-                eng = base.with_policy(policy)
-                engines[policy] = (eng, fid.Decoder(eng))
-            return engines[policy]
+        full_policy = make_policy("full")
 
         units = []
         for bench, opts in cfg.benchmarks.items():
@@ -423,10 +420,23 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
                 sample_specs = equal_memory_specs(todo, lm.config, len(ids), max_new, cfg.equal_memory,
                                                   cfg.policy_opts, dtype, emit)
 
-            needs_q = [sp for sp in sample_specs if sp.policy is not None and getattr(sp.policy, "needs_queries", False)]
+            # a configuration this model cannot run is that method's error record; the others share the prefill
+            runnable = []
+            for sp in sample_specs:
+                try:
+                    if sp.policy is not None:
+                        sp.policy.validate(lm.config, np.array([len(ids)], np.int32), generation_bucket(max_new))
+                    runnable.append(sp)
+                except ValueError as e:
+                    emit({"method": sp.method, "budget": sp.budget, "budget_value": sp.budget_value,
+                          "error": f"{type(e).__name__}: {e}"})
+            sample_specs = runnable
+            full_key = record_key(model, bench, sample.id, "full", "-")
+            pols = [sp.policy for sp in sample_specs if sp.policy is not None]
+            if cfg.fidelity and not any(sp.method == "full" for sp in sample_specs):
+                pols.append(full_policy)  # to teacher-force full's stored reference tokens
             try:
-                pre_engine = engine_for(needs_q[0].policy)[0] if needs_q else base
-                pre = fid.prefill(pre_engine, ids, max_new)
+                pre = fid.prefill(base, ids, max_new, pols, recall=cfg.recall_every > 0)
             except Exception as e:  # a prompt the model cannot take: one error record per pending key
                 msg = f"{type(e).__name__}: {e}"
                 log(f"{sample.id}: prefill failed: {msg}")
@@ -435,15 +445,14 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
                 continue
 
             reference = None
-            full_key = record_key(model, bench, sample.id, "full", "-")
             for sp in sample_specs:
                 if sp.policy is None:
                     continue
                 bar.set_postfix_str(f"{sample.id} {sp.method} {sp.budget}", refresh=True)
                 try:
-                    eng, dec = engine_for(sp.policy)
+                    sess = pre.session(sp.policy)
                     if sp.method == "full":
-                        run_ = fid.run_method(eng, pre, max_new, stop_ids, keep_logits=True, decoder=dec)
+                        run_ = fid.run_method(sess, pre, max_new, stop_ids, keep_logits=True)
                         reference = (run_.sampled, run_.logits)
                         fidelity = {"reference": True, "n_steps": len(run_.sampled) - 1, "kl_mean": 0.0,
                                     "kl_max": 0.0, "top1_agreement": 1.0, "first_divergence": None,
@@ -455,11 +464,10 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
                             if full_rec is None or full_rec.get("error") or not full_rec.get("full_tokens"):
                                 raise RuntimeError("full attention's reference for this sample failed or is missing")
                             toks = full_rec["full_tokens"]
-                            feng, _ = engine_for(next(s.policy for s in specs if s.method == "full"))
-                            reference = (toks, fid.teacher_force(feng, pre, toks, max_new))
-                        run_ = fid.run_method(eng, pre, max_new, stop_ids,
+                            reference = (toks, fid.teacher_force(pre.session(full_policy), toks))
+                        run_ = fid.run_method(sess, pre, max_new, stop_ids,
                                               reference=reference if cfg.fidelity else None,
-                                              recall_every=cfg.recall_every, decoder=dec)
+                                              recall_every=cfg.recall_every)
                         fidelity = run_.fidelity
                     text = tok.decode(run_.ids, skip_special_tokens=True)
                     rec = {"method": sp.method, "budget": sp.budget, "budget_value": sp.budget_value,
@@ -468,7 +476,8 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
                            "score": bobj.score(sample, text), "fidelity": fidelity,
                            **_memory_fields(run_.memory),
                            "seconds": pre.prefill_s + run_.build_s + run_.decode_s, "prefill_s": pre.prefill_s,
-                           "build_s": run_.build_s, "decode_s": run_.decode_s, "fidelity_s": run_.fidelity_s}
+                           "build_s": run_.build_s, "decode_s": run_.decode_s, "fidelity_s": run_.fidelity_s,
+                           "exact_fallback": run_.exact}
                     if sp.method == "full":
                         rec["full_tokens"] = list(map(int, run_.sampled))
                 except KeyboardInterrupt:

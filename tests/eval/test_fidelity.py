@@ -111,7 +111,7 @@ def test_teacher_forced_logits_equal_a_full_forward(tiny):
     lm, eng = tiny
     ids = _prompt(90, seed=3)
     pre = fidelity.prefill(eng, ids, 8)
-    ref = fidelity.run_method(eng, pre, 8, STOP, keep_logits=True)
+    ref = fidelity.run_method(pre.session("full"), pre, 8, STOP, keep_logits=True)
     seq = jnp.asarray([ids + ref.sampled[:-1]], jnp.int32)
     oracle = np.asarray(forward_logits_pure(lm.model.params(), lm.config, seq))[0]
     n = len(ref.sampled) - 1
@@ -123,7 +123,7 @@ def test_method_free_run_matches_engine_generate(tiny):
     """The free run forked at the first divergence produces exactly what Engine.generate produces."""
     lm, eng = tiny
     ids = _prompt(200, seed=5)
-    pol = make_policy("yakv", sparse_budget=1 / 32)
+    pol = make_policy("yakv", sparse_budget=1 / 32, min_seqlen_to_prune=0)
     ref, run = fidelity.compare(eng, pol, ids, 24, STOP)
     assert run.fidelity["first_divergence"] is not None  # a random tiny model diverges: the fork path runs
     assert run.fidelity["recall_mean"] < 0.99
@@ -135,7 +135,7 @@ def test_method_free_run_matches_engine_generate(tiny):
 def test_whole_prompt_budget_is_exact_on_tiny_model(tiny):
     """YAKV selecting every prompt token from an unquantized store attends exactly like full."""
     lm, eng = tiny
-    pol = make_policy("yakv", sparse_budget=1.0, exact_fallback=False, store_format="none", landmark_quant="none")
+    pol = make_policy("yakv", min_seqlen_to_prune=0, sparse_budget=1.0, exact_fallback=False, store_format="none", landmark_quant="none")
     ref, run = fidelity.compare(eng, pol, _prompt(160, seed=7), 16, STOP)
     assert run.fidelity["top1_agreement"] == 1.0
     assert run.fidelity["kl_mean"] < 1e-9
@@ -145,7 +145,8 @@ def test_whole_prompt_budget_is_exact_on_tiny_model(tiny):
 
 def test_recall_every_measures_a_subset(tiny):
     lm, eng = tiny
-    pre_ref, run = fidelity.compare(eng, make_policy("yakv"), _prompt(), 12, STOP, recall_every=4)
+    pre_ref, run = fidelity.compare(eng, make_policy("yakv", min_seqlen_to_prune=0), _prompt(), 12, STOP,
+                                     recall_every=4)
     n = run.fidelity["n_steps"]
     assert run.fidelity["recall_steps"] == len(range(0, n, 4))
 
@@ -158,7 +159,7 @@ def test_whole_prompt_budget_agrees_on_smollm2():
     text = ("The meeting notes say that Anna will bring the projector, Ben the cables and Carla the snacks. " * 12
             + "\nWho brings the cables?")
     ids = tok.encode(tok.apply_chat_template(text))
-    pol = make_policy("yakv", sparse_budget=1.0, exact_fallback=False, store_format="none", landmark_quant="none")
+    pol = make_policy("yakv", min_seqlen_to_prune=0, sparse_budget=1.0, exact_fallback=False, store_format="none", landmark_quant="none")
     ref, run = fidelity.compare(eng, pol, ids, 24, tok.stop_ids())
     assert run.fidelity["n_steps"] > 3
     assert run.fidelity["top1_agreement"] == 1.0

@@ -48,7 +48,8 @@ def test_defaults_are_the_eval_config():
     assert (c.chunk_size, c.local_budget, c.sparse_budget, c.prefix_budget) == (1, 64, 1 / 32, 0)
     assert (c.landmark_quant, c.landmark_d, c.landmark_n, c.landmark_hadamard_group) == ("higgs", 4, 256, "head")
     assert (c.store_format, c.store_d, c.store_n, c.keys_pre_rope) == ("higgs_qdq", 2, 256, True)
-    assert c.scoring == "softmax_max" and c.min_seqlen_to_prune == 0
+    assert c.scoring == "softmax_max" and c.min_attended_tokens == 0
+    assert c.min_seqlen_to_prune == 512  # kvjax: short prompts decode exactly (the paper's prompts are far longer)
     assert c.grids == "paper"  # the authors' EDEN grids
     assert isinstance(make_policy("yakv"), YakvPolicy)
 
@@ -103,7 +104,7 @@ def test_chunk_remainder_goes_to_local():
 
 
 def test_too_short_to_prune_falls_back():
-    p = make_policy("yakv").plan([66, 67])
+    p = make_policy("yakv", min_seqlen_to_prune=0).plan([66, 67])
     # T=66: 64 local + floor(66/32)=2 sparse cover every token -> exact; T=67 drops one token -> pruned
     assert p["fallback"].tolist() == [True, False]
     assert p["prefix"][0] == 66 and p["n_sel"][1] == 2
@@ -127,10 +128,10 @@ def test_bad_config_raises(kw, match):
 
 
 def test_bad_inputs_for_model_and_prompt_raise():
-    with pytest.raises(ValueError, match="local_budget=64 tokens exceeds the prompt length"):
-        make_policy("yakv").validate(TINY, np.array([300, 40]), 8)
-    with pytest.raises(ValueError, match="sparse_budget=500 tokens exceeds"):
-        make_policy("yakv", sparse_budget=500).validate(TINY, np.array([300]), 8)
+    # budgets covering a prompt are not errors: such prompts are not pruned (they decode exactly)
+    assert make_policy("yakv", min_seqlen_to_prune=0).prunable(TINY, [300, 40]).tolist() == [True, False]
+    assert not make_policy("yakv", min_seqlen_to_prune=0, sparse_budget=500).prunable(TINY, [300]).any()
+    assert not make_policy("yakv").prunable(TINY, [300]).any()  # default min_seqlen_to_prune = 512
     # C = 4 * 16 = 64 values: a 128-value Hadamard group cannot be formed
     with pytest.raises(ValueError, match="does not divide the channel size"):
         make_policy("yakv", landmark_hadamard_group=128).validate(TINY, np.array([300]), 8)
@@ -147,10 +148,11 @@ def test_bad_inputs_for_model_and_prompt_raise():
     make_policy("yakv", min_seqlen_to_prune=64).validate(TINY, np.array([40]), 8)
 
 
-def test_engine_rejects_short_prompt_with_token_budget(full_eng):
-    eng = full_eng.with_policy("yakv")
-    with pytest.raises(ValueError, match="local_budget"):
-        eng.generate([_prompts([30])[0]], GREEDY8)
+def test_prompt_shorter_than_the_window_decodes_exactly(full_eng):
+    prompts = [_prompts([30])[0]]
+    eng = full_eng.with_policy(make_policy("yakv", min_seqlen_to_prune=0))
+    assert [g.ids for g in eng.generate(prompts, GREEDY8)] == [g.ids for g in full_eng.generate(prompts, GREEDY8)]
+    assert eng.last_exact
 
 
 # ----------------------------------------------------------------------------------------------- oracles
@@ -244,7 +246,8 @@ def test_decode_matches_oracle(tiny_lm, chunk, backend, fmt):
     over local ∪ selected ∪ generated with the store's numerics (ragged batch, each with its own budget)."""
     lengths = [200, 131]
     local, sparse = 16, 0.125
-    pol = make_policy("yakv", landmark_quant="none", store_format=fmt, score_dtype="float32", local_budget=local,
+    pol = make_policy("yakv", min_seqlen_to_prune=0, landmark_quant="none", store_format=fmt, score_dtype="float32",
+                      local_budget=local,
                       sparse_budget=sparse, chunk_size=chunk, fetch_backend=backend)
     eng, st, k, v = _random_state(pol, lengths, seed=chunk, lm=tiny_lm)
     if backend != "device":
@@ -291,7 +294,7 @@ def test_quantized_landmark_selection_is_topk_of_dequantized_scores(tiny_lm, gri
     local, sparse = 16, 0.125
     grid = load_grid(4, 256, grids)
     for backend, sdt in (("jnp", "float32"), ("auto", "bfloat16")):
-        pol = make_policy("yakv", store_format="none", local_budget=local, sparse_budget=sparse,
+        pol = make_policy("yakv", min_seqlen_to_prune=0, store_format="none", local_budget=local, sparse_budget=sparse,
                           score_backend=backend, score_dtype=sdt, grids=grids)
         eng, st, k, v = _random_state(pol, lengths, seed=3, lm=tiny_lm)
         q = np.random.RandomState(5).randn(B_, H_, D_).astype(np.float32)
@@ -315,7 +318,8 @@ def test_grid_set_reaches_landmarks_and_store(tiny_lm, grids):
     """``grids`` selects the EDEN grids of both HIGGS quantizers: the built landmark codes and the store equal the
     quant module's encoding with that set's EDEN4-256 / EDEN2-256, and differ from the other set's."""
     other = {"paper": "kvjax", "kvjax": "paper"}[grids]
-    pol = make_policy("yakv", local_budget=16, sparse_budget=0.125, fetch_backend="device", grids=grids)
+    pol = make_policy("yakv", min_seqlen_to_prune=0, local_budget=16, sparse_budget=0.125, fetch_backend="device",
+                      grids=grids)
     _, st, k, v = _random_state(pol, [200, 131], seed=4, lm=tiny_lm)
     b, layer, n_lm = 1, 0, 131 - 16
     from kvjax.quant import higgs_encode
@@ -363,18 +367,12 @@ def test_score_landmarks_matches_kernel_reference():
 
 # ----------------------------------------------------------------------------------------------- engine parity
 def _teacher_forced_logits(eng, prompts, tokens):
-    """Prefill + build, then decode the given tokens with the engine's jitted step (the one ``generate`` compiled:
-    64 generated slots); returns the float32 logits of the prefill and of every step ``[S, B, V]``."""
-    toks, lengths, _ = eng.prepare(prompts, len(tokens) + 1)
-    first, kv = eng.prefill(toks, lengths)
-    st = eng.build(kv, lengths, 64)
-    step = eng.step_fn(st)
-    out = [np.asarray(first)]
-    greedy = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    for i, t in enumerate(tokens):
-        _, lg, st = step(eng.params, st, jnp.asarray(t, jnp.int32), jnp.asarray(lengths + i), jax.random.key(0),
-                         *greedy)
-        out.append(np.asarray(lg))
+    """Prefill, then feed the given tokens through a session (the engine's one decode step); returns the float32
+    logits of the prefill and of every step ``[S, B, V]``."""
+    sess = eng.start(prompts, len(tokens) + 1)
+    out = [np.asarray(sess.first_logits)]
+    for t in tokens:
+        out.append(np.asarray(sess.step(t).logits))
     return np.stack(out)
 
 
@@ -387,7 +385,7 @@ def test_covering_budget_reproduces_full(full_eng, landmark_quant, grids):
     full = full_eng
     ref = full.generate(prompts, GREEDY8)
     pol = make_policy("yakv", sparse_budget=1.0, local_budget=0, exact_fallback=False, store_format="none",
-                      landmark_quant=landmark_quant, grids=grids)
+                      landmark_quant=landmark_quant, grids=grids, min_seqlen_to_prune=0)
     eng = full.with_policy(pol)
     assert [g.ids for g in eng.generate(prompts, GREEDY8)] == [g.ids for g in ref]
     tokens = [np.array([ref[0].ids[i], ref[1].ids[i]]) for i in range(4)]
@@ -430,7 +428,7 @@ def test_smollm2_covering_budget_matches_full(smollm2):
     full = kvjax.Engine(smollm2, "full")
     ref = full.generate([ids], gen)[0].ids
     pol = make_policy("yakv", sparse_budget=1.0, local_budget=0, exact_fallback=False, store_format="none",
-                      landmark_quant="none")
+                      landmark_quant="none", min_seqlen_to_prune=0)
     assert full.with_policy(pol).generate([ids], gen)[0].ids == ref
 
 
