@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -157,8 +158,31 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = cfg["intermediate_size"] * 2
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(WeightError, match=r"shape mismatch for layers\.w_gate"):
+    with pytest.raises(WeightError, match=r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' in .*model\.safetensors "
+                                          r"has shape \(128, 64\); the model config expects \(256, 64\)"):
         models.load_model(str(d), dtype="float32")
+
+
+def test_gguf_shape_mismatch_names_the_gguf_tensor(tmp_path):
+    """Metadata saying feed_forward_length=256 over 128-wide FFN tensors: the error names the GGUF tensor and its
+    dims in GGUF order, not kvjax's parameter."""
+    lm = models.load_model(os.path.join(FIX, "tiny_llama"), dtype="float32")
+    lie = types.SimpleNamespace(config=lm.config.replace(intermediate_size=256), model=lm.model)
+    path = str(tmp_path / "bad.gguf")
+    write_gguf(path, lie, gguf.GGMLQuantizationType.F32)
+    with pytest.raises(WeightError, match=r"GGUF tensor 'blk\.0\.ffn_gate\.weight' has dims \(64, 128\); the model "
+                                          r"config expects \(64, 256\)"):
+        models.load_model(path, dtype="float32")
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    lm = models.load_model(os.path.join(FIX, "tiny_llama_tied"), dtype="float32")
+    path = tmp_path / "m.gguf"
+    write_gguf(str(path), lm, gguf.GGMLQuantizationType.F32)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightError, match=r"m\.gguf: cannot read GGUF .*truncated or corrupt"):
+        models.load_model(str(path), dtype="float32")
 
 
 def test_unknown_model_lists_known_names():
