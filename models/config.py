@@ -307,3 +307,20 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
         name="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
+
+# Benchmark shapes (no checkpoint exists; ``kvjax bench decode --shape`` builds them with random weights): a small
+# Qwen3-MoE in Qwen3-30B-A3B's proportions (GQA 4:1 with 4 KV heads, every layer sparse, k/E = 1/8, renormalised
+# top-k) and a dense Qwen3 with the same attention and the same active parameters (its MLP width = k x the expert
+# width), to compare MoE and dense decode at equal active compute.
+BENCH_SHAPES: dict[str, ModelConfig] = {
+    "bench-qwen3-moe-small": ModelConfig(
+        family="qwen3_moe", vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_layers=12, num_heads=16,
+        num_kv_heads=4, head_dim=64, rope_theta=1e7, rms_norm_eps=1e-6, max_position_embeddings=32768, qk_norm=True,
+        num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, norm_topk_prob=True,
+        name="benchmark shape: small Qwen3-MoE (random weights)"),
+    "bench-qwen3-dense-small": ModelConfig(
+        family="qwen3", vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_layers=12, num_heads=16,
+        num_kv_heads=4, head_dim=64, rope_theta=1e7, rms_norm_eps=1e-6, max_position_embeddings=32768, qk_norm=True,
+        name="benchmark shape: dense Qwen3 with bench-qwen3-moe-small's active parameters (random weights)"),
+}
+PRESETS.update(BENCH_SHAPES)

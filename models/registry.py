@@ -14,7 +14,7 @@ import os
 
 import jax.numpy as jnp
 
-from .config import PRESETS, ModelConfig, RopeScaling
+from .config import BENCH_SHAPES, PRESETS, ModelConfig, RopeScaling
 from .tokenizer import TextTokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
 from .transformer import Transformer
 from .weights import (WeightError, gguf_field_values, load_gguf_params, load_orbax_params,
@@ -38,7 +38,8 @@ class LoadedModel:
 
 
 def known_models() -> list[str]:
-    return sorted(set(BUNDLED) | set(PRESETS))
+    """Names :func:`load_model` knows: the bundled model and the paper's presets (not the benchmark shapes)."""
+    return sorted(set(BUNDLED) | (set(PRESETS) - set(BENCH_SHAPES)))
 
 
 def bundled_path(name: str) -> str:
@@ -73,6 +74,9 @@ def load_model(name_or_path: str, dtype="bfloat16", mesh=None, config_overrides:
     if key in BUNDLED:
         path = bundled_path(key)
         return _load_gguf(path, dt, mesh, name=key)
+    if key in BENCH_SHAPES:
+        raise FileNotFoundError(f"{name_or_path!r} is a benchmark shape with random weights for "
+                                f"`kvjax bench decode --shape {key}`, not a model with a checkpoint")
     if key in PRESETS:
         raise FileNotFoundError(
             f"model {name_or_path!r} is a config preset: download its Hugging Face checkpoint and pass the "
