@@ -3,9 +3,9 @@
 Weights are **layer-stacked** (every per-layer parameter has a leading ``[L]`` axis) so that a forward
 pass is one ``lax.scan`` over layers: one layer is compiled, and the KV-cache policies receive one
 layer's state per scan step. Mixture-of-experts weights are stacked over the sparse layers only and the
-feed-forward picks its block per layer inside the same scan (:mod:`models.moe`). The NNX module owns the parameters (init, checkpointing); the hot path
-runs pure functions over ``params = model.params()`` (a plain dict of arrays), as DESIGN.md asks:
-split once, jit pure functions, pass the cache functionally.
+feed-forward picks its block per layer inside the same scan (:mod:`models.moe`). The NNX module owns the
+parameters (init, checkpointing); the hot path runs pure functions over ``params = model.params()`` (a
+plain dict of arrays), as DESIGN.md asks: split once, jit pure functions, pass the cache functionally.
 
 Attention is delegated to a callback ``attend(state_l, q, k_pre, k, v) -> (out, state_l)`` so the
 model does not know which KV-cache policy runs (``q``/``k`` are post-RoPE, ``k_pre`` is the key after

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kvjax
@@ -25,7 +24,7 @@ import models
 from kvjax.compat import make_mesh
 from models import LoadedModel, ModelConfig, Transformer
 from models.moe import moe_block, uses_gather
-from models.transformer import param_partition_specs
+from models.transformer import param_partition_specs, param_shapes
 from models.weights import WeightError
 
 HF_DIR = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
@@ -79,9 +78,19 @@ def numpy_moe(h, router, w_gate, w_up, w_down, k, norm):
     return out
 
 
-def _moe_params(cfg, seed=0):
-    m = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    return {k: v for k, v in m.params().items() if k.startswith("moe.")}
+def _random_params(cfg, seed=0, only=""):
+    """Numpy draws of the config's parameters named ``only*``: RMSNorm scales U(0.5, 1.5), embeddings N(0, 0.5^2),
+    matrices N(0, 1/fan_in)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, s in param_shapes(cfg).items():
+        if k.startswith(only):
+            if k.endswith("norm"):
+                v = rng.uniform(0.5, 1.5, s)
+            else:
+                v = rng.normal(0, 0.5 if k == "embed" else s[-2] ** -0.5, s)
+            out[k] = jnp.asarray(v, jnp.float32)
+    return out
 
 
 @pytest.mark.parametrize("E,k,norm", [(8, 2, True), (6, 3, False), (4, 1, False), (8, 8, True)])
@@ -92,7 +101,7 @@ def test_moe_block_matches_numpy_oracle(E, k, norm, B, T):
     cfg = ModelConfig(family="qwen3_moe", vocab_size=11, hidden_size=16, intermediate_size=24, num_layers=3,
                       num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True, num_experts=E, num_experts_per_tok=k,
                       moe_intermediate_size=12, norm_topk_prob=norm)
-    p = _moe_params(cfg)
+    p = _random_params(cfg, only="moe.")
     h = jax.random.normal(jax.random.key(1), (B, T, 16), jnp.float32)
     fn = jax.jit(lambda p, h, s: moe_block(p, cfg, s, h))
     for slot in range(3):
@@ -110,7 +119,7 @@ def test_moe_block_expert_parallel_moves_only_activations():
     cfg = ModelConfig(family="qwen3_moe", vocab_size=11, hidden_size=16, intermediate_size=24, num_layers=2,
                       num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True, num_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=40, norm_topk_prob=True)
-    p = _moe_params(cfg)
+    p = _random_params(cfg, only="moe.")
     mesh = make_mesh(data=2, model=4)
     specs = param_partition_specs(cfg)
     ps = {n: jax.device_put(v, NamedSharding(mesh, P(*specs[n]))) for n, v in p.items()}
@@ -303,6 +312,7 @@ def test_orbax_convert_and_expert_parallel_restore(tmp_path):
 
 # ----------------------------------------------------------------------------------------- GGUF
 gguf = pytest.importorskip("gguf")
+from gguf_files import add_tensor, finish, open_writer  # noqa: E402 - needs gguf
 
 
 def _all_sparse_model(seed=0, E=4):
@@ -311,14 +321,7 @@ def _all_sparse_model(seed=0, E=4):
                       num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6, qk_norm=True,
                       max_position_embeddings=256, num_experts=E, num_experts_per_tok=2, moe_intermediate_size=64,
                       norm_topk_prob=True, name="tiny-moe")
-    m = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    p = m.params()
-    key = jax.random.key(seed + 1)
-    for n in [n for n in p if n.endswith("norm")]:
-        key, sub = jax.random.split(key)
-        p[n] = jax.random.uniform(sub, p[n].shape, jnp.float32, 0.5, 1.5)
-    m.set_params(p)
-    return LoadedModel(cfg, m, None)
+    return LoadedModel(cfg, Transformer(cfg, dtype=jnp.float32, params=_random_params(cfg, seed)), None)
 
 
 def write_qwen3moe_gguf(path, lm, qtype=None, expert_ff=None):
@@ -326,28 +329,15 @@ def write_qwen3moe_gguf(path, lm, qtype=None, expert_ff=None):
     of a layer stacked as [E, out, in] (GGUF dims (in, out, E)), the router [E, d]; metadata keys of gguf-py."""
     cfg = lm.config
     p = {k: np.asarray(v, np.float32) for k, v in lm.model.params().items()}
-    w = gguf.GGUFWriter(path, "qwen3moe")
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
+    w = open_writer(path, "qwen3moe", cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_expert_feed_forward_length(expert_ff or cfg.moe_intermediate_size)
 
     def add(name, arr):
-        arr = np.ascontiguousarray(arr, np.float32)
-        if qtype is None or arr.ndim == 1:
-            w.add_tensor(name, arr)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        add_tensor(w, name, arr, qtype)
 
     add("token_embd.weight", p["embed"])
     add("output_norm.weight", p["final_norm"])
@@ -361,10 +351,7 @@ def write_qwen3moe_gguf(path, lm, qtype=None, expert_ff=None):
         add(f"blk.{i}.ffn_gate_inp.weight", p["moe.router"][i].T)
         for k, g in (("w_gate", "ffn_gate_exps"), ("w_up", "ffn_up_exps"), ("w_down", "ffn_down_exps")):
             add(f"blk.{i}.{g}.weight", np.stack([e.T for e in p["moe." + k][i]]))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [None, "Q8_0"])

@@ -14,6 +14,7 @@ from models.weights import WeightError, unpermute_llama_qk
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
 gguf = pytest.importorskip("gguf")
+from gguf_files import add_tensor, finish, open_writer  # noqa: E402 - needs gguf
 
 
 def _ref(name):
@@ -31,16 +32,7 @@ def write_gguf(path, lm, qtype):
     """Write a kvjax model to GGUF the way llama.cpp's converter would (HF names -> GGUF, q/k permuted)."""
     cfg = lm.config
     p = {k: np.asarray(v, np.float32) for k, v in lm.model.params().items()}
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
+    w = open_writer(path, "llama", cfg)
     if cfg.rope_scaling is not None:
         w.add_string("llama.rope.scaling.type", "llama3")
         w.add_float32("llama.rope.scaling.factor", cfg.rope_scaling.factor)
@@ -48,14 +40,8 @@ def write_gguf(path, lm, qtype):
         w.add_float32("llama.rope.scaling.high_freq_factor", cfg.rope_scaling.high_freq_factor)
         w.add_uint32("llama.rope.scaling.original_context_length", cfg.rope_scaling.original_max_position_embeddings)
 
-    def add(name, arr, quantize=True):
-        arr = np.ascontiguousarray(arr, np.float32)
-        if not quantize or arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, arr)
-        elif qtype in (gguf.GGMLQuantizationType.F16,):
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    def add(name, arr):
+        add_tensor(w, name, arr, qtype)
 
     add("token_embd.weight", p["embed"])
     add("output_norm.weight", p["final_norm"])
@@ -72,10 +58,7 @@ def write_gguf(path, lm, qtype):
             if k == "wk":
                 a = permute_like_llama_cpp(a, cfg.num_kv_heads)
             add(f"blk.{i}.{g}.weight", a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 def test_unpermute_inverts_the_converter_permutation():
