@@ -434,3 +434,15 @@ def test_cli_generate_every_method(tmp_path, capsys, method):
                  "--max-new-tokens", "6", "--dtype", "float32", "-v"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"\[[12]\d\d\d prompt tokens, \d generated", err), err
+
+
+def test_benchmark_shapes_are_not_models():
+    """The bench decode shapes: MoE and dense with equal active parameters up to the router; no checkpoint name."""
+    from models.config import BENCH_SHAPES
+
+    moe, dense = BENCH_SHAPES["bench-qwen3-moe-small"], BENCH_SHAPES["bench-qwen3-dense-small"]
+    router = moe.num_layers * moe.hidden_size * moe.num_experts
+    assert moe.num_active_params() - router == dense.num_params() and moe.num_params() > 4 * dense.num_params()
+    assert not set(BENCH_SHAPES) & set(models.known_models())
+    with pytest.raises(FileNotFoundError, match="is a benchmark shape with random weights"):
+        models.load_model("bench-qwen3-moe-small")
