@@ -22,11 +22,14 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models.config import ModelConfig
+from models.transformer import embed_tokens
 
 from . import cache as cache_mod
+from .compat import DEVICE_MEMORY_KIND, HOST_MEMORY_KIND
 from . import decode as decode_mod
 from . import memory as memory_mod
 from . import prefill as prefill_mod
@@ -83,6 +86,46 @@ class StepOut:
     recall: jax.Array | None = None
 
 
+@struct.dataclass
+class Sampler:
+    """The per-call sampling inputs of a jitted step (all traced, so changing them never recompiles): PRNG ``key``,
+    ``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` (1 = off)."""
+
+    key: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+    @staticmethod
+    def of(sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None) -> "Sampler":
+        return Sampler(jax.random.key(0) if key is None else key, jnp.float32(sampling.temperature),
+                       jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+
+    def __call__(self, logits: jax.Array) -> jax.Array:
+        return sample(logits, self.key, self.temperature, self.top_k, self.top_p)
+
+
+@struct.dataclass
+class RecallProbe:
+    """Inputs of the attention-recall probe: exact post-RoPE prompt keys ``[L, B, Hkv, Tb, D]``, prompt lengths
+    ``[B]``, and whether to measure at this step (a traced bool: skipping does not recompile)."""
+
+    exact_keys: jax.Array
+    lengths: jax.Array
+    measure: jax.Array
+
+
+class _Prefill:
+    """The two jitted programs of a prefill: the token embedding (into host memory with ``offload_hidden``) and the
+    layer-by-layer prefill from it (:func:`kvjax.prefill.prefill_hidden`)."""
+
+    def __init__(self, embed, run):
+        self.embed, self.run = embed, run
+
+    def _cache_size(self) -> int:
+        return self.run._cache_size()
+
+
 class _Owners:
     """How many sessions hold the same state buffers (a forked state must not be donated)."""
 
@@ -128,12 +171,10 @@ class Session:
         if recall and self.exact_keys is None:
             raise ValueError("recall=True needs a session started with exact_keys=True (Engine.start)")
         donate = self._owners.n == 1
-        fn = eng._step_jit(self.state, recall, donate)
-        key = jax.random.key(0) if key is None else key
-        probe = (self.exact_keys, eng.put(self.lengths), jnp.bool_(measure)) if recall else (None, None, None)
+        fn = eng.step_program(self.state, recall=recall, donate=donate)
+        probe = RecallProbe(self.exact_keys, eng.put(self.lengths), jnp.bool_(measure)) if recall else None
         logits, nxt, state, rec = fn(eng.params, self.state, eng.put(np.asarray(tokens, np.int32)),
-                                     eng.put(self.pos), key, jnp.float32(sampling.temperature),
-                                     jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), *probe)
+                                     eng.put(self.pos), Sampler.of(sampling, key), probe)
         if not donate:  # this session now owns a fresh state; the other holder keeps the old one
             self._owners.n -= 1
             self._owners = _Owners()
@@ -262,16 +303,20 @@ class Engine:
         chunk = min(self.prefill_chunk, Tb)
 
         def make():
-            fn = functools.partial(prefill_mod.prefill, cfg=self.cfg, policies=policies, max_new=max_new,
-                                   chunk=chunk, offload_hidden=self.offload_hidden)
+            fn = functools.partial(prefill_mod.prefill_hidden, cfg=self.cfg, policies=policies, max_new=max_new,
+                                   chunk=chunk, hidden_on_host=self.offload_hidden)
             extras = tuple(self.extra(p) if isinstance(p, Policy) else None for p in policies)
-            toks = jax.ShapeDtypeStruct((B, Tb), jnp.int32)
+            x = jax.ShapeDtypeStruct((B, Tb, self.cfg.hidden_size), self.params["embed"].dtype)
             lens = jax.ShapeDtypeStruct((B,), jnp.int32)
-            _, states = jax.eval_shape(lambda p, t, l, e: fn(p, tokens=t, lengths=l, extras=e), self.params, toks,
+            _, states = jax.eval_shape(lambda p, x, l, e: fn(p, x=x, lengths=l, extras=e), self.params, x,
                                        lens, extras)
             shard = tuple(self._state_shardings(p, s) for p, s in zip(policies, states))
-            return jax.jit(lambda p, t, l, e: fn(p, tokens=t, lengths=l, extras=e),
-                           out_shardings=(self.batch_sharding(2), shard))
+            run = jax.jit(lambda p, x, l, e: fn(p, x=x, lengths=l, extras=e),
+                          out_shardings=(self.batch_sharding(2), shard),
+                          donate_argnums=(1,) if self.offload_hidden else ())
+            kind = HOST_MEMORY_KIND if self.offload_hidden else DEVICE_MEMORY_KIND
+            embed = jax.jit(embed_tokens, out_shardings=self.batch_sharding(3).with_memory_kind(kind))
+            return _Prefill(embed, run)
 
         return self._jit("prefill", (policies, B, Tb, max_new, chunk, self.offload_hidden), make)
 
@@ -289,8 +334,9 @@ class Engine:
         B, Tb = toks.shape
         fn = self._prefill_fn(policies, B, Tb, max_new)
         extras = tuple(self.extra(p) if isinstance(p, Policy) else None for p in policies)
-        with memory_mod.explain_oom("prefill", fn, self.params, toks, lengths, extras):
-            return fn(self.params, self.put(toks), self.put(lengths), extras)
+        x = fn.embed(self.params, self.put(toks))
+        with memory_mod.explain_oom("prefill", fn.run, self.params, x, lengths, extras):
+            return fn.run(self.params, x, self.put(lengths), extras)
 
     def dense_prefill(self, toks: np.ndarray, lengths: np.ndarray, queries: bool = False):
         """The prefill with the dense capture (:class:`kvjax.prefill.DenseCapture`): (float32 last-token logits,
@@ -363,24 +409,29 @@ class Engine:
         return sessions if policies is not None else sessions[0]
 
     # -- decode
-    def _step_jit(self, state, probe_recall: bool, donate: bool):
+    def step_program(self, state, *, recall: bool = False, donate: bool = True):
+        """The jitted decode step for states laid out like ``state`` (compiled once per layout):
+        ``fn(params, state, tokens [B], positions [B], sampler: Sampler, probe: RecallProbe | None) ->
+        (logits [B, V], next tokens [B], state, recall [B, L, Hkv] | None)``, with the state donated unless
+        ``donate=False`` and the recall probe compiled in when ``recall``. :class:`Session` drives it."""
         pol = self.policy
         layout = jax.tree.map(lambda x: (x.shape, x.dtype), state)
 
         def make():
             shard = jax.tree.map(lambda x: x.sharding, state)
-            rec_s = self.batch_sharding(3) if probe_recall else None
+            rec_s = self.batch_sharding(3) if recall else None
 
-            def fn(params, state, tok, pos, key, t, k, p, exact_keys, lengths, do_recall):
-                logits, state, rec = decode_mod.decode_step(params, self.cfg, pol, state, tok, pos,
-                                                            probe_recall=probe_recall, exact_keys=exact_keys,
-                                                            prompt_lengths=lengths, do_recall=do_recall)
-                return logits, sample(logits, key, t, k, p), state, rec
+            def fn(params, state, tok, pos, sampler, probe):
+                logits, state, rec = decode_mod.decode_step(
+                    params, self.cfg, pol, state, tok, pos, probe_recall=recall,
+                    exact_keys=probe.exact_keys if recall else None, prompt_lengths=probe.lengths if recall else None,
+                    do_recall=probe.measure if recall else True)
+                return logits, sampler(logits), state, rec
 
             return jax.jit(fn, donate_argnums=(1,) if donate else (),
                            out_shardings=(self.batch_sharding(2), self.batch_sharding(1), shard, rec_s))
 
-        return self._jit("step", (pol, str(layout), probe_recall, donate), make)
+        return self._jit("step", (pol, str(layout), recall, donate), make)
 
     def _loop_jit(self, state, gen_bucket: int, keep_logits: bool):
         pol = self.policy
@@ -391,10 +442,13 @@ class Engine:
             fn = functools.partial(decode_mod.generate_loop, cfg=self.cfg, policy=pol, gen_bucket=gen_bucket,
                                    keep_logits=keep_logits)
             b1, b2 = self.batch_sharding(1), self.batch_sharding(2)
-            return jax.jit(lambda params, state, *a: fn(params, state=state, first=a[0], lengths=a[1], key=a[2],
-                                                        temperature=a[3], top_k=a[4], top_p=a[5], stop_ids=a[6],
-                                                        max_new=a[7]),
-                           donate_argnums=(1,),
+
+            def run(params, state, first, lengths, sampler, stop_ids, max_new):
+                return fn(params, state=state, first=first, lengths=lengths, key=sampler.key,
+                          temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p,
+                          stop_ids=stop_ids, max_new=max_new)
+
+            return jax.jit(run, donate_argnums=(1,),
                            out_shardings=(b2, b1, b1, shard, self.batch_sharding(3) if keep_logits else None))
 
         return self._jit("loop", (pol, str(layout), gen_bucket, keep_logits), make)
@@ -436,12 +490,11 @@ class Engine:
         sess = self.start(ids, max_new)
         key = jax.random.key(gen.seed)
         s = gen.sampling
-        knobs = (jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
-        first = sample(sess.first_logits, jax.random.fold_in(key, 0), *knobs)
+        first = Sampler.of(s, jax.random.fold_in(key, 0))(sess.first_logits)
         jax.block_until_ready(first)
         t1 = time.perf_counter()
         if loop == "device":
-            out, reason = self._generate_device(sess, first, key, knobs, stop_ids, max_new, gb)
+            out, reason = self._generate_device(sess, first, Sampler.of(s, key), stop_ids, max_new, gb)
         else:
             out, reason = self._generate_host(sess, first, key, s, set(stop_ids), max_new, gen.stop_strings, on_text)
         t2 = time.perf_counter()
@@ -455,12 +508,12 @@ class Engine:
             res.append(Generation(out[b], text, why, int(sess.lengths[b]), t1 - t0, t2 - t1))
         return res
 
-    def _generate_device(self, sess: Session, first, key, knobs, stop_ids, max_new, gb):
+    def _generate_device(self, sess: Session, first, sampler: Sampler, stop_ids, max_new, gb):
         n_stop = bucket_size(max(len(stop_ids), 1), 8)
         stops = np.full((n_stop,), -1, np.int32)
         stops[:len(stop_ids)] = stop_ids
         fn = sess.engine._loop_jit(sess.state, gb, False)
-        args = (first, self.put(sess.lengths), key, *knobs, jnp.asarray(stops), jnp.int32(max_new))
+        args = (first, self.put(sess.lengths), sampler, jnp.asarray(stops), jnp.int32(max_new))
         with memory_mod.explain_oom("decode", fn, self.params, sess.state, *args):
             toks, n, reason, state, _ = fn(self.params, sess.state, *args)
         sess.state = state
@@ -519,5 +572,5 @@ class Engine:
         return self.policy.memory_report(state, lengths)
 
 
-__all__ = ["Engine", "Generation", "GenerationConfig", "MIN_GENERATION_BUCKET", "Session", "StepOut",
-           "generation_bucket"]
+__all__ = ["Engine", "Generation", "GenerationConfig", "MIN_GENERATION_BUCKET", "RecallProbe", "Sampler", "Session",
+           "StepOut", "generation_bucket"]

@@ -144,6 +144,7 @@ def stage_memory(mcfg, policy, prompt_tokens: int, batch: int, dtype="bfloat16",
 
     from . import cache as cache_mod
     from . import decode as decode_mod
+    from .compat import HOST_MEMORY_KIND
     from . import prefill as prefill_mod
     from .engine import generation_bucket
     from .policies.base import bucket_size
@@ -153,16 +154,18 @@ def stage_memory(mcfg, policy, prompt_tokens: int, batch: int, dtype="bfloat16",
     gb = generation_bucket(max_new)
     params = abstract_params(mcfg, dtype)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    toks = jax.ShapeDtypeStruct((batch, Tb), jnp.int32, sharding=dev)
+    host = dev.with_memory_kind(HOST_MEMORY_KIND)
+    # the embedded prompt, in host memory (and donated) with offload_hidden, as the engine passes it
+    x = jax.ShapeDtypeStruct((batch, Tb, mcfg.hidden_size), jnp.dtype(dtype), sharding=host if offload_hidden else dev)
     lens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=dev)
     extra = policy.prepare_shapes(mcfg, jnp.dtype(dtype))
-    fn = functools.partial(prefill_mod.prefill, cfg=mcfg, policies=(policy,), max_new=gb, chunk=min(chunk, Tb),
-                           offload_hidden=offload_hidden)
-    run = lambda p, t, l, e: fn(p, tokens=t, lengths=l, extras=(e,))  # noqa: E731
-    _, (abstract,) = jax.eval_shape(run, params, toks, lens, extra)
+    fn = functools.partial(prefill_mod.prefill_hidden, cfg=mcfg, policies=(policy,), max_new=gb,
+                           chunk=min(chunk, Tb), hidden_on_host=offload_hidden)
+    run = lambda p, x, l, e: fn(p, x=x, lengths=l, extras=(e,))  # noqa: E731
+    _, (abstract,) = jax.eval_shape(run, params, x, lens, extra)
     shard = cache_mod.state_shardings(abstract, None, mcfg, policy)
-    pre = jax.jit(run, out_shardings=(dev, (shard,)))
-    out = {"prefill": program_memory(pre, (params, toks, lens, extra), weights=params)}
+    pre = jax.jit(run, out_shardings=(dev, (shard,)), donate_argnums=(1,) if offload_hidden else ())
+    out = {"prefill": program_memory(pre, (params, x, lens, extra), weights=params)}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
 
     def step(p, st, tok, pos):

@@ -11,8 +11,8 @@ For every decoder layer ``l`` (one ``lax.scan`` over the layer-stacked weights):
 3. the next layer reads the updated hidden states ``[B, Tb, d]`` (carried in place).
 
 So the dense K/V of all layers never exists on the device: what stays is the weights, the hidden states (or, with
-``offload_hidden``, only one chunk of them: the rest lives in host memory), one layer's dense K/V and the
-policies' device state. ``full``'s state is its dense cache, so its peak does not change.
+:func:`prefill_hidden`'s ``hidden_on_host``, only one chunk of them: the rest lives in host memory, passed in and
+donated), one layer's dense K/V and the policies' device state. ``full``'s state is its dense cache, so its peak does not change.
 
 Why one scan and not a jitted per-layer function called ``L`` times: the scan compiles one layer body once, runs as
 one dispatch, and its outputs are written layer by layer into the stacked state (a dynamic-update-slice per layer;
@@ -265,27 +265,36 @@ class DenseCapture:
 
 # ----------------------------------------------------------------------------- the prefill
 def prefill(params: Params, cfg: ModelConfig, policies: Sequence[Any], tokens: jax.Array, lengths: jax.Array,
-            extras: Sequence[Any], *, max_new: int, chunk: int, offload_hidden: bool = False,
-            platform_kernels: bool = True):
+            extras: Sequence[Any], *, max_new: int, chunk: int, platform_kernels: bool = True):
     """Exact causal prefill of a right-padded batch, building every policy's layer-stacked state layer by layer.
 
     tokens int32 ``[B, Tb]`` (``Tb`` a multiple of ``chunk``), lengths int32 ``[B]``; ``extras[i]`` is policy i's
     ``prepare`` output (leading ``[L]`` on every leaf) or None; ``max_new`` the generated-token slots each state
     holds. Returns (float32 logits ``[B, V]`` of each sequence's last prompt token, tuple of states).
     """
-    B, Tb = tokens.shape
+    return prefill_hidden(params, cfg, policies, embed_tokens(params, tokens), lengths, extras, max_new=max_new,
+                          chunk=chunk, platform_kernels=platform_kernels)
+
+
+def prefill_hidden(params: Params, cfg: ModelConfig, policies: Sequence[Any], x: jax.Array, lengths: jax.Array,
+                   extras: Sequence[Any], *, max_new: int, chunk: int, hidden_on_host: bool = False,
+                   platform_kernels: bool = True):
+    """:func:`prefill` from the embedded prompt ``x [B, Tb, d]``. With ``hidden_on_host`` the hidden states between
+    layers stay in host memory (pass ``x`` in ``pinned_host`` and donate it): each chunk is moved to the device,
+    run through the layer, and written back (slices and dynamic-update-slices of a host buffer: DMAs on TPU), so
+    only one chunk of them is on the device at a time."""
+    B, Tb = x.shape[:2]
     if Tb % chunk:
         raise ValueError(f"prompt bucket of {Tb} tokens is not a multiple of the prefill chunk ({chunk} tokens)")
     keep_q = any(p.needs_queries for p in policies)
     cos, sin = rope_tables(cfg, jnp.arange(Tb, dtype=jnp.int32))  # [Tb, D]
     layer_params = {k[len("layers."):]: v for k, v in params.items() if k.startswith("layers.")}
-    x = embed_tokens(params, tokens)
-    if offload_hidden:
+    if hidden_on_host:
         x = jax.device_put(x, jax.memory.Space.Host)
 
     def body(x, xs):
         lp, layer, ext = xs
-        x, k, v, q = layer_forward(params, cfg, lp, layer, x, cos, sin, lengths, chunk, keep_q, offload_hidden,
+        x, k, v, q = layer_forward(params, cfg, lp, layer, x, cos, sin, lengths, chunk, keep_q, hidden_on_host,
                                    platform_kernels)
         states = tuple(build_layer(p, cfg, k, v, q if p.needs_queries else None, lengths, max_new, e)
                        for p, e in zip(policies, ext))
@@ -293,7 +302,7 @@ def prefill(params: Params, cfg: ModelConfig, policies: Sequence[Any], tokens: j
 
     x, states = jax.lax.scan(body, x, (layer_params, jnp.arange(cfg.num_layers), tuple(extras)))
     idx = jnp.clip(lengths - 1, 0, Tb - 1)
-    if offload_hidden:  # one row per sequence: slices of a host buffer (DMAs), no host gather
+    if hidden_on_host:  # one row per sequence: slices of a host buffer (DMAs), no host gather
         z = jnp.zeros((), jnp.int32)
         last = jnp.concatenate([jax.device_put(jax.lax.dynamic_slice(x, (jnp.int32(b), idx[b], z), (1, 1, x.shape[2])),
                                                jax.memory.Space.Device)[:, 0] for b in range(B)], axis=0)
@@ -303,4 +312,4 @@ def prefill(params: Params, cfg: ModelConfig, policies: Sequence[Any], tokens: j
 
 
 __all__ = ["DenseCapture", "block_causal_attention", "build_from_kv", "build_layer", "layer_forward",
-           "place_host_fields", "prefill"]
+           "place_host_fields", "prefill", "prefill_hidden"]

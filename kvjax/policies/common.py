@@ -123,6 +123,34 @@ def bcast_heads(m: jax.Array, H: int) -> jax.Array:
     return jnp.broadcast_to(m[:, None, :], (m.shape[0], H, m.shape[-1]))
 
 
+#: tokens per block of the blockwise build work (quantizers): bounds its temporaries to one block of one layer
+BUILD_BLOCK_TOKENS = 8192
+
+
+def map_token_blocks(fn: Callable, n: int, block: int = BUILD_BLOCK_TOKENS):
+    """Run ``fn(start, size)`` over ``ceil(n / block)`` blocks of ``size = min(block, n)`` consecutive token slots and
+    write each block's results into preallocated outputs (a ``fori_loop`` of dynamic-update-slices), so a layer's
+    build temporaries (float32 copies, Hadamard stages, code indices) are one block big instead of one layer big.
+
+    ``fn`` returns a tuple of arrays (or None) whose axis 2 has ``size`` slots; ``start`` is traced. The last block may
+    run past ``n`` (``fn`` must clip its reads); those slots are cut off. Returns the tuple with ``n`` slots."""
+    size = max(1, min(block, n))
+    nblk = -(-n // size)
+    if nblk == 1:
+        return fn(jnp.int32(0), size)
+    shapes = jax.eval_shape(lambda: fn(jnp.int32(0), size))
+    outs = tuple(None if o is None else jnp.zeros(o.shape[:2] + (nblk * size,) + o.shape[3:], o.dtype)
+                 for o in shapes)
+
+    def body(i, outs):
+        res = fn(i * size, size)
+        return tuple(None if o is None else jax.lax.dynamic_update_slice_in_dim(o, r.astype(o.dtype), i * size, axis=2)
+                     for o, r in zip(outs, res))
+
+    outs = jax.lax.fori_loop(0, nblk, body, outs)
+    return tuple(None if o is None else (o[:, :, :n] if nblk * size != n else o) for o in outs)
+
+
 # ----------------------------------------------------------------------------- generated tokens
 @struct.dataclass
 class GenSlots:
@@ -193,5 +221,5 @@ def layer_cond(n_dense: int, layer, dense_fn, sparse_fn):
 
 
 __all__ = ["GenSlots", "attend_per_query_head", "bcast_heads", "budget_table", "budget_tokens", "check_budget",
-           "check_common", "check_int", "dense_attend", "fetch_prompt", "is_fraction", "layer_cond", "length_table",
+           "check_common", "check_int", "dense_attend", "fetch_prompt", "is_fraction", "layer_cond", "length_table", "map_token_blocks",
            "pack_kv", "take_rows", "top_k"]

@@ -94,7 +94,7 @@ from ..quant import fp8_decode_bits, fp8_encode_bits, higgs_decode, higgs_encode
 from ..quant.grids import available_grids, check_source
 from ..quant.higgs import HiggsCodes, HiggsConfig, code_bits
 from .base import DEFAULT_MIN_SEQLEN_TO_PRUNE, Policy, PolicyConfig, concrete
-from .common import GenSlots, budget_tokens, is_fraction, take_rows, top_k
+from .common import BUILD_BLOCK_TOKENS, GenSlots, budget_tokens, is_fraction, map_token_blocks, take_rows, top_k
 
 SCORINGS = ("softmax_max", "mean_dot")
 STORE_FORMATS = ("higgs_qdq", "higgs_packed", "fp8", "none")
@@ -328,6 +328,37 @@ def _plan_table(cfg: YakvConfig, Tb: int) -> dict:
             "NL": int(n_lm.max())}
 
 
+def landmark_logits(q, lm, scoring: str = "softmax_max"):
+    """Float32 logits of every landmark, before the scoring rule's normalisation: q ``[B, H, D]`` post-RoPE, lm
+    ``[B, Hkv, N, D]`` -> ``[B, Hkv, N, G]`` (``softmax_max``: ``q_g · l / sqrt(D)`` per query head of the group) or
+    ``[B, Hkv, N, 1]`` (``mean_dot``: ``mean_g(q_g) · l``). Landmarks are independent, so blocks of them give the
+    same numbers."""
+    B, H, D = q.shape
+    Hkv = lm.shape[1]
+    qf = q.astype(jnp.float32).reshape(B, Hkv, H // Hkv, D)
+    lf = lm.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    if scoring == "mean_dot":
+        return jnp.einsum("bhd,bhmd->bhm", jnp.mean(qf, axis=2), lf, precision=hi)[..., None]
+    return jnp.einsum("bhgd,bhmd->bhmg", qf, lf, precision=hi) * (1.0 / float(np.sqrt(D)))
+
+
+def finish_scores(s, n_lm, scoring: str = "softmax_max", score_dtype=jnp.bfloat16):
+    """Scores ``[B, Hkv, N]`` in ``score_dtype`` from :func:`landmark_logits` ``[B, Hkv, N, G]``: ``-inf`` for
+    ``m >= n_lm[b]``; ``softmax_max``: ``max_g score_dtype(softmax_m(s_g))``; ``mean_dot``: the logit itself."""
+    NL = s.shape[2]
+    valid = (jnp.arange(NL)[None, :] < n_lm[:, None])[:, None, :]  # [B, 1, NL]
+    if scoring == "mean_dot":
+        return jnp.where(valid, s[..., 0], -jnp.inf).astype(score_dtype)
+    s = jnp.where(valid[..., None], s, -jnp.inf)
+    m = jnp.max(s, axis=2, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    z = jnp.sum(e, axis=2, keepdims=True)
+    p = (e / jnp.where(z > 0, z, 1.0)).astype(score_dtype)
+    return jnp.where(valid, jnp.max(p, axis=3), -jnp.inf).astype(score_dtype)
+
+
 def score_landmarks(q, lm, n_lm, scoring: str = "softmax_max", score_dtype=jnp.bfloat16):
     """YAKV landmark scores, pure jnp. q ``[B, H, D]`` post-RoPE; lm ``[B, Hkv, NL, D]`` (dequantized landmarks,
     any float dtype); n_lm int32 ``[B]`` valid landmarks. Returns ``[B, Hkv, NL]`` in ``score_dtype``, ``-inf`` for
@@ -337,23 +368,7 @@ def score_landmarks(q, lm, n_lm, scoring: str = "softmax_max", score_dtype=jnp.b
     ``mean_dot`` (serving, §3.2): ``score_dtype(mean_g(q_g) · l_m)`` with the mean and the dot in float32.
     Same semantics as ``pallas_kernels.score.score_landmarks_ref`` (modes "eval" / "serve").
     """
-    B, H, D = q.shape
-    Hkv, NL = lm.shape[1], lm.shape[2]
-    qf = q.astype(jnp.float32).reshape(B, Hkv, H // Hkv, D)
-    lf = lm.astype(jnp.float32)
-    valid = (jnp.arange(NL)[None, :] < n_lm[:, None])[:, None, :]  # [B, 1, NL]
-    hi = jax.lax.Precision.HIGHEST
-    if scoring == "mean_dot":
-        s = jnp.einsum("bhd,bhmd->bhm", jnp.mean(qf, axis=2), lf, precision=hi)
-        return jnp.where(valid, s, -jnp.inf).astype(score_dtype)
-    s = jnp.einsum("bhgd,bhmd->bhgm", qf, lf, precision=hi) * (1.0 / float(np.sqrt(D)))
-    s = jnp.where(valid[:, :, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(s - m)
-    z = jnp.sum(e, axis=-1, keepdims=True)
-    p = (e / jnp.where(z > 0, z, 1.0)).astype(score_dtype)
-    return jnp.where(valid, jnp.max(p, axis=2), -jnp.inf).astype(score_dtype)
+    return finish_scores(landmark_logits(q, lm, scoring), n_lm, scoring, score_dtype)
 
 
 class YakvPolicy(Policy):
@@ -471,31 +486,47 @@ class YakvPolicy(Policy):
         win_k = jnp.where(wmask, gather_tokens(k, wpos), 0).astype(dt)
         win_v = jnp.where(wmask, gather_tokens(v, wpos), 0).astype(dt)
 
-        # landmarks: mean of each chunk's post-RoPE keys
-        m = jnp.arange(NL, dtype=jnp.int32)
-        tok = prefix[:, None, None] + m[None, :, None] * c + jnp.arange(c, dtype=jnp.int32)  # [B, NL, c]
-        lk = gather_tokens(k, tok.reshape(B, NL * c)).reshape(B, Hkv, NL, c, D)
-        lk = jnp.mean(lk.astype(jnp.float32), axis=3) if c > 1 else lk[:, :, :, 0]
-        lk = jnp.where((m[None, :] < n_lm[:, None])[:, None, :, None], lk, 0).astype(dt)
-        lm = lm_codes = lm_scales = None
-        if cfg.landmark_quant == "none":
-            lm = lk
-        else:
-            hc = self._lm_cfg(mcfg)
-            grid = load_grid(cfg.landmark_d, cfg.landmark_n, cfg.grids)  # numpy: higgs_encode's cell search
-            if hc.hadamard_group <= D:
-                codes = higgs_encode(lk, grid, hc)
-            else:  # group spans heads: quantize token rows [B, NL, C]
-                codes = higgs_encode(lk.transpose(0, 2, 1, 3).reshape(B, NL, Hkv * D), grid, hc)
-            lm_codes, lm_scales = codes.codes, codes.scales
+        # landmarks: mean of each chunk's post-RoPE keys, quantized block by block (bounded temporaries)
+        lq = cfg.landmark_quant != "none"
+        hc = self._lm_cfg(mcfg) if lq else None
+        grid = load_grid(cfg.landmark_d, cfg.landmark_n, cfg.grids) if lq else None  # numpy: the cell search
+        spans = lq and hc.hadamard_group > D
 
-        # offloaded store (all Tb rows; rows >= T are never selected)
-        ks = rope(mcfg, k, jnp.arange(Tb)[None, None, :], inverse=True) if cfg.keys_pre_rope else k
-        k_store, v_store, k_scales, v_scales = self._encode_store(mcfg, ks, v)
+        def landmark_block(m0, size):
+            m = m0 + jnp.arange(size, dtype=jnp.int32)
+            tok = prefix[:, None, None] + m[None, :, None] * c + jnp.arange(c, dtype=jnp.int32)  # [B, size, c]
+            lk = gather_tokens(k, tok.reshape(B, size * c)).reshape(B, Hkv, size, c, D)
+            lk = jnp.mean(lk.astype(jnp.float32), axis=3) if c > 1 else lk[:, :, :, 0]
+            lk = jnp.where((m[None, :] < n_lm[:, None])[:, None, :, None], lk, 0).astype(dt)
+            if not lq:
+                return lk, None, None
+            if spans:  # group spans heads: quantize token rows [B, size, C]; token axis moved to 2
+                codes = higgs_encode(lk.transpose(0, 2, 1, 3).reshape(B, size, Hkv * D), grid, hc)
+                return None, codes.codes[:, None], codes.scales[:, None]
+            codes = higgs_encode(lk, grid, hc)
+            return None, codes.codes, codes.scales
+
+        lm, lm_codes, lm_scales = map_token_blocks(landmark_block, max(NL, 1))
+        if NL == 0:
+            lm, lm_codes, lm_scales = (None if x is None else x[:, :, :0] for x in (lm, lm_codes, lm_scales))
+        if spans:
+            lm_codes, lm_scales = lm_codes[:, 0], lm_scales[:, 0]
+
+        # offloaded store (all Tb rows; rows >= T are never selected), encoded block by block
+        def store_block(t0, size):
+            ks = jax.lax.dynamic_slice_in_dim(k, t0, size, axis=2)
+            vs = jax.lax.dynamic_slice_in_dim(v, t0, size, axis=2)
+            if cfg.keys_pre_rope:
+                ks = rope(mcfg, ks, (t0 + jnp.arange(size))[None, None, :], inverse=True)
+            return self._encode_store(mcfg, ks, vs)
+
+        k_store, v_store, k_scales, v_scales = map_token_blocks(store_block, Tb)
         return YakvState(win_k, win_v, win_pos, GenSlots.zeros(B, Hkv, max_new, D, dt), lm, lm_codes, lm_scales,
                          lengths, prefix, n_lm, n_sel, k_store, v_store, k_scales, v_scales)
 
     def _encode_store(self, mcfg, ks, v):
+        """One block of the offloaded store: keys (pre- or post-RoPE) and values ``[B, Hkv, n, D]`` in the store
+        format -> (k_store, v_store, k_scales, v_scales), token axis 2."""
         cfg = self.config
         fmt = cfg.store_format
         if fmt == "none":
@@ -507,26 +538,33 @@ class YakvPolicy(Policy):
         if fmt == "higgs_packed":
             kc, vc = higgs_encode(ks, grid, hc), higgs_encode(v, grid, hc)
             return kc.codes, vc.codes, kc.scales, vc.scales
-        B, Hkv, Tb, D = ks.shape
+        B, Hkv, n, D = ks.shape
 
-        def qdq(x):  # token rows [B, Tb, C], one Hadamard group per hc.hadamard_group values (eval: the whole row)
-            rows = x.transpose(0, 2, 1, 3).reshape(B, Tb, Hkv * D)
-            return higgs_qdq(rows, grid, hc).reshape(B, Tb, Hkv, D).transpose(0, 2, 1, 3).astype(x.dtype)
+        def qdq(x):  # token rows [B, n, C], one Hadamard group per hc.hadamard_group values (eval: the whole row)
+            rows = x.transpose(0, 2, 1, 3).reshape(B, n, Hkv * D)
+            return higgs_qdq(rows, grid, hc).reshape(B, n, Hkv, D).transpose(0, 2, 1, 3).astype(x.dtype)
 
         return qdq(ks), qdq(v), None, None
 
-    def _landmarks(self, mcfg, st, layer):
-        """Dequantized landmarks of one layer, ``[B, Hkv, NL, D]`` (float32 for HIGGS, model dtype otherwise)."""
+    def _landmarks(self, mcfg, st, layer, start=0, size=None):
+        """Dequantized landmarks ``start .. start+size`` of one layer (all by default), ``[B, Hkv, size, D]`` (float32
+        for HIGGS, the model dtype otherwise)."""
         cfg = self.config
+        token_layout = st.lm is None and st.lm_codes.ndim == 4  # [L, B, NL, C/d]
+        NL = (st.lm if st.lm is not None else st.lm_codes).shape[2 if token_layout else 3]
+        size = NL if size is None else size
+
+        def part(x):  # landmark slots [start, start+size) of layer `layer`
+            return jax.lax.dynamic_slice_in_dim(x[layer], start, size, axis=1 if token_layout else 2)
+
         if st.lm is not None:
-            return st.lm[layer]
+            return part(st.lm)
         hc = self._lm_cfg(mcfg)
         grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n, cfg.grids))
-        codes, scales = st.lm_codes[layer], st.lm_scales[layer]
-        x = higgs_decode(HiggsCodes(codes, scales), grid, hc, jnp.float32)
-        if x.ndim == 3:  # token layout [B, NL, C] -> [B, Hkv, NL, D]
-            B, NL, _ = x.shape
-            x = x.reshape(B, NL, mcfg.num_kv_heads, mcfg.head_dim).transpose(0, 2, 1, 3)
+        x = higgs_decode(HiggsCodes(part(st.lm_codes), part(st.lm_scales)), grid, hc, jnp.float32)
+        if token_layout:  # [B, size, C] -> [B, Hkv, size, D]
+            B = x.shape[0]
+            x = x.reshape(B, size, mcfg.num_kv_heads, mcfg.head_dim).transpose(0, 2, 1, 3)
         return x
 
     def _score_kernel(self, mcfg):
@@ -558,9 +596,19 @@ class YakvPolicy(Policy):
             mode = "eval" if cfg.scoring == "softmax_max" else "serve"
             scores = kernel(q, st.lm_codes[layer], st.lm_scales[layer][..., 0].astype(jnp.float32), grid, n_lm,
                             mode=mode).astype(jnp.dtype(cfg.score_dtype))
-        else:
-            lm = self._landmarks(mcfg, st, layer)
-            scores = score_landmarks(q, lm, n_lm, cfg.scoring, jnp.dtype(cfg.score_dtype))
+        else:  # dequantize and score block by block: the temporaries stay one block of landmarks big
+            NL = _plan_table(cfg, Tb)["NL"]
+            size = min(BUILD_BLOCK_TOKENS, NL)
+
+            def block(m0, size):
+                # the last block may run past NL: score [NL - size, NL) and shift it into place (slots >= NL are cut)
+                start = jnp.minimum(m0, NL - size)
+                out = landmark_logits(q, self._landmarks(mcfg, st, layer, start, size), cfg.scoring)
+                return (jnp.roll(out, start - m0, axis=2),)
+
+            (logits,) = map_token_blocks(block, NL, size) if NL else (
+                jnp.zeros((q.shape[0], mcfg.num_kv_heads, 0, 1), jnp.float32),)
+            scores = finish_scores(logits, n_lm, cfg.scoring, jnp.dtype(cfg.score_dtype))
         _, sel = top_k(scores, Kc)  # [B, Hkv, Kc], sorted by score
         start = prefix[:, None, None] + sel.astype(jnp.int32) * cfg.chunk_size
         valid = (jnp.arange(Kc)[None, :] < n_sel[:, None])[:, None, :]

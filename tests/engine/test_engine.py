@@ -8,7 +8,6 @@ from flax import nnx
 import models
 from kvjax import Engine, GenerationConfig, SamplingConfig
 from kvjax.compat import make_mesh
-from kvjax.engine import decode_step_pure
 from models import LoadedModel, ModelConfig, Transformer
 
 
@@ -40,17 +39,15 @@ def test_prefill_then_decode_equals_full_forward(family, chunk):
     lm = tiny(family)
     eng = Engine(lm, prefill_chunk=chunk, min_prompt_bucket=16)
     ps = prompts(2, [37, 21])
-    toks, lens, Tb = eng.prepare(ps, 8)
-    logits0, kv = eng.prefill(toks, lens)
-    state = eng.build(kv, lens, 8)
+    sess = eng.start(ps, 8)
+    lens = sess.lengths
     seqs = [list(p) for p in ps]
-    step_logits = [np.asarray(logits0)]
-    cur = np.asarray(logits0).argmax(-1)
-    step = jax.jit(lambda s, t, p: decode_step_pure(eng.params, lm.config, eng.policy, s, t, p))
+    step_logits = [np.asarray(sess.first_logits)]
+    cur = np.asarray(sess.first_logits).argmax(-1)
     for i in range(6):
         for b in range(2):
             seqs[b].append(int(cur[b]))
-        lg, state = step(state, jnp.asarray(cur, jnp.int32), jnp.asarray(lens + i, jnp.int32))
+        lg = sess.step(cur).logits
         step_logits.append(np.asarray(lg))
         cur = np.asarray(lg).argmax(-1)
     for b in range(2):
@@ -88,12 +85,13 @@ def test_decode_compiles_once_per_bucket():
     gen = GenerationConfig(max_new_tokens=20, stop_ids=())
     eng.generate(prompts(1, [30]), gen)
     eng.generate(prompts(1, [45], seed=1), GenerationConfig(max_new_tokens=33, stop_ids=()))  # same buckets
-    steps = list(eng._step_jit.values())
-    assert len(steps) == 1 and steps[0]._cache_size() == 1
-    assert all(f._cache_size() == 1 for f in eng._prefill_jit.values()) and len(eng._prefill_jit) == 1
-    # sampling settings are traced values: no recompilation either
+    assert eng.compile_counts() == {"prefill": 1, "build": 0, "step": 0, "loop": 1}
+    # sampling settings are traced values: no recompilation either, in the device loop or the host loop
     eng.generate(prompts(1, [30]), GenerationConfig(max_new_tokens=20, sampling=SamplingConfig(0.8, 5, 0.9)))
-    assert steps[0]._cache_size() == 1
+    eng.generate(prompts(1, [30]), gen, loop="host")
+    eng.generate(prompts(1, [41]), GenerationConfig(max_new_tokens=9, sampling=SamplingConfig(0.8, 5, 0.9)),
+                 loop="host")
+    assert eng.compile_counts() == {"prefill": 1, "build": 0, "step": 1, "loop": 1}
 
 
 def test_stop_ids_and_length():
@@ -141,3 +139,47 @@ def test_bad_prompts():
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="not divisible by the mesh's data axis"):
         Engine(lm, mesh=make_mesh(data=2, model=1)).generate(prompts(3, [5, 5, 5]), GenerationConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.9, top_k=20, top_p=0.9)])
+def test_device_loop_gives_the_host_loops_tokens(sampling):
+    """The whole generation as one while_loop on the device == the Python loop over single steps (ragged batch,
+    stop ids, sampling with the same keys)."""
+    lm = tiny()
+    eng = Engine(lm, min_prompt_bucket=16)
+    ps = prompts(3, [5, 40, 23])
+    free = eng.generate(ps, GenerationConfig(max_new_tokens=12, stop_ids=(), sampling=sampling, seed=2))
+    stop = free[1].ids[4]  # a token sequence 1 produces: it stops there, the others maybe elsewhere
+    gen = GenerationConfig(max_new_tokens=12, stop_ids=(stop,), sampling=sampling, seed=2)
+    dev, host = eng.generate(ps, gen), eng.generate(ps, gen, loop="host")
+    assert [g.ids for g in dev] == [g.ids for g in host]
+    assert [g.stop_reason for g in dev] == [g.stop_reason for g in host]
+    assert dev[1].stop_reason == "stop_id" and dev[1].ids == free[1].ids[:free[1].ids.index(stop)]
+
+
+def test_loop_choice_and_errors():
+    lm = tiny()
+    eng = Engine(lm, min_prompt_bucket=16)
+    with pytest.raises(ValueError, match="loop="):
+        eng.generate(prompts(1, [5]), GenerationConfig(max_new_tokens=2), loop="gpu")
+    with pytest.raises(ValueError, match="need loop='host'"):
+        eng.generate(prompts(1, [5]), GenerationConfig(max_new_tokens=2, stop_strings=("x",)), loop="device")
+
+
+def test_session_fork_and_teacher_forcing():
+    """A fork continues independently: stepping the fork with other tokens leaves the original's logits as if the
+    fork never happened (the shared state is not donated)."""
+    lm = tiny()
+    eng = Engine(lm, min_prompt_bucket=16)
+    ps = prompts(2, [20, 11])
+    a = eng.start(ps, 8)
+    ref = eng.start(ps, 8)
+    toks = [np.array([3, 4]), np.array([5, 6]), np.array([7, 8])]
+    a.step(toks[0])
+    ref.step(toks[0])
+    b = a.fork()
+    b.step(np.array([9, 9]))
+    b.step(np.array([1, 2]))
+    for t in toks[1:]:
+        np.testing.assert_array_equal(np.asarray(a.step(t).logits), np.asarray(ref.step(t).logits))
+    assert (a.pos == ref.pos).all() and (b.pos == a.pos).all()

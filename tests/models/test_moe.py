@@ -272,16 +272,18 @@ def test_yakv_covering_budget_reproduces_full_attention():
     full = kvjax.Engine(_load("tiny_qwen3_moe"), "full")
     ps = _prompts([300, 190], seed=2)
     pol = kvjax.make_policy("yakv", sparse_budget=1.0, local_budget=0, exact_fallback=False, store_format="none",
-                            landmark_quant="none")
-    assert [g.ids for g in full.with_policy(pol).generate(ps, GREEDY8)] == [g.ids for g in full.generate(ps, GREEDY8)]
+                            landmark_quant="none", min_seqlen_to_prune=0)
+    eng = full.with_policy(pol)
+    assert [g.ids for g in eng.generate(ps, GREEDY8)] == [g.ids for g in full.generate(ps, GREEDY8)]
+    assert not eng.last_exact  # YAKV's own machinery ran, not the exact fallback
 
 
 def test_decode_compiles_once():
     eng = kvjax.Engine(_load("tiny_qwen3_moe"), "full", min_prompt_bucket=64)
     eng.generate(_prompts([30]), kvjax.GenerationConfig(max_new_tokens=20, stop_ids=()))
+    counts = eng.compile_counts()
     eng.generate(_prompts([45], seed=1), kvjax.GenerationConfig(max_new_tokens=33, stop_ids=()))
-    steps = list(eng._step_jit.values())
-    assert len(steps) == 1 and steps[0]._cache_size() == 1
+    assert counts["loop"] == 1 and eng.compile_counts() == counts
 
 
 def test_moe_lowers_for_tpu():

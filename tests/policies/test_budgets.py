@@ -60,7 +60,7 @@ def test_planned_bytes_are_what_the_engine_builds(plan):
         if name == "infinigen":
             pol = type(pol)(pol.config.__class__(**{**pol.config.__dict__, "calibration_len": 32}))
         e = eng.with_policy(pol)
-        _, kv = e.prefill(toks, lengths)  # LRQK's prefill also keeps the queries
+        _, kv = e.dense_prefill(toks, lengths, queries=True)  # LRQK builds from the queries too
         state = e.build(kv, lengths, 64)
         real[name] = e.memory_report(state, lengths)["by_kind"]["device"]
         assert real[name] == plan.device_bytes[name], name
@@ -98,6 +98,10 @@ def test_errors():
     with pytest.raises(ValueError, match="'arkvale' keeps at most"):
         equal_memory_budgets(TINY, ["arkvale"], PROMPT, bytes_per_token=1e6, dtype=jnp.float32)
     lax = equal_memory_budgets(TINY, ["arkvale"], PROMPT, bytes_per_token=1e6, dtype=jnp.float32, strict=False)
-    assert lax.knobs["arkvale"] == ("budget", 1.0)
+    # the largest budget that still prunes this prompt (a larger one decodes exactly: full attention)
+    knob, x = lax.knobs["arkvale"]
+    assert knob == "budget" and 0.5 < x < 1.0
+    assert make_policy("arkvale", budget=x).prunable(TINY, [PROMPT]).all()
+    assert not make_policy("arkvale", budget=min(1.0, x + 0.01)).prunable(TINY, [PROMPT]).any()
     with pytest.raises(ValueError, match="no budget knob"):
         equal_memory_budgets(TINY, ["full"], PROMPT, bytes_per_token=1e6)

@@ -32,11 +32,12 @@ WHOLE = {
                          store_format="none"),
     "shadowkv": dict(sparse_budget=1.0, outlier_budget=0, local_budget=8),  # rank >= C: exact keys
     "arkvale": dict(budget=1.0),
+    "arkvale:host_gather": dict(budget=1.0, fetch_backend="host_gather"),
     "quest": dict(budget=1.0),
     "infinigen": dict(budget=1.0, calibration_len=64),
     "lrqk": dict(num_active=1.0),
 }
-NAMES = sorted(WHOLE)
+NAMES = sorted(n for n in WHOLE if ":" not in n)
 #: per policy: a small budget that prunes every prompt of these tests
 SMALL = {
     "yakv": {}, "yakv-serving": dict(min_attended_tokens=0),
@@ -60,10 +61,11 @@ def test_every_policy_is_covered():
     assert set(kvjax.POLICIES) - {"full"} <= {n.split("-")[0] for n in NAMES}
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_whole_prompt_budget_reproduces_full_attention(tiny, name):
+@pytest.mark.parametrize("case", sorted(WHOLE))
+def test_whole_prompt_budget_reproduces_full_attention(tiny, case):
     eng, prompts, (ref_tok, ref_logits, _) = tiny
-    pol = make_policy(name, min_seqlen_to_prune=0, **WHOLE[name])
+    name = case.split(":")[0]
+    pol = make_policy(name, min_seqlen_to_prune=0, **WHOLE[case])
     e = kvjax.Engine(eng.lm, policy=pol, exact_fallback=False)
     tok, logits, state = run_steps(e, prompts, steps=5)
     assert type(state).__name__ != "KVCache"  # the policy's own state, not a fallback

@@ -14,7 +14,7 @@ from kvjax.policies import make_policy
 from kvjax.policies.infinigen import InfiniGenPolicy, skewing_from_activations
 from models import ModelConfig
 from models.transformer import causal_attention, embed_tokens, layer_qkv, rope_tables, run_layers_carry
-from policy_steps import smollm2_greedy_vs_full, lower_step_for_tpu, run_steps
+from policy_steps import lower_step_for_tpu, own, run_steps, smollm2_greedy_vs_full
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -110,17 +110,17 @@ def test_full_budget_reproduces_full_attention():
     eng = kvjax.Engine(lm, policy="full")
     ref_tok, ref_logits, _ = run_steps(eng, prompts)
     pol = make_policy("infinigen", budget=1.0, calibration_len=64)
-    tok, logits, state = run_steps(eng.with_policy(pol), prompts)
+    tok, logits, state = run_steps(own(eng, pol), prompts)
     np.testing.assert_array_equal(tok, ref_tok)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=1e-5)
     assert state.kv_store.sharding.memory_kind == "pinned_host"
-    txt = lower_step_for_tpu(eng.with_policy(pol), state)  # lowers for TPU: dense layers' cond included
+    txt = lower_step_for_tpu(own(eng, pol), state)  # lowers for TPU: dense layers' cond included
     assert "annotate_device_placement" in txt and '_xla_compute_type = "host"' in txt
     rep = pol.memory_report(state, np.array(LENS))
     assert "wq" not in rep["components"] and rep["excluded"]["wq"] == state.wq.size * 4
     # a small budget attends floor(0.2·S) tokens per query head (G slot sets per KV head); dense layers none
     pol2 = make_policy("infinigen", calibration_len=64)
-    _, logits2, st2 = run_steps(eng.with_policy(pol2), prompts, steps=2)
+    _, logits2, st2 = run_steps(own(eng, pol2), prompts, steps=2)
     assert not np.allclose(logits2[:, 1:], ref_logits[:, 1:3], atol=1e-3)
     used = np.asarray(st2.buf_pos >= 0).sum(-1)  # [L, B, Hkv]
     S = np.array(LENS) + 2  # the step at position n + 1 attends S = n + 2 tokens

@@ -15,7 +15,7 @@ def test_yakv_tokens_with_kernels_equal_reference():
     ids = np.random.default_rng(0).integers(0, 97, size=(2, 300)).tolist()
     ids[1] = ids[1][:211]
     gen = GenerationConfig(max_new_tokens=6, stop_ids=())
-    pol = make_policy("yakv", local_budget=16, sparse_budget=1 / 8)
+    pol = make_policy("yakv", local_budget=16, sparse_budget=1 / 8, min_seqlen_to_prune=0)
     with dispatch.kernels_override("reference"):
         ref = [g.ids for g in Engine(lm, policy=pol).generate(ids, gen)]
     calls = []

@@ -13,7 +13,7 @@ import models
 from kvjax.policies import make_policy
 from kvjax.policies.lrqk import LRQKPolicy, lrqk_factorize, lrqk_objective, lrqk_project, topcol_init
 from models import ModelConfig
-from policy_steps import smollm2_greedy_vs_full, lower_step_for_tpu, run_steps
+from policy_steps import lower_step_for_tpu, own, run_steps, smollm2_greedy_vs_full
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -131,17 +131,17 @@ def test_full_budget_reproduces_full_attention_and_small_budget_selects():
     prompts = [list(rng.integers(0, TINY.vocab_size, n)) for n in LENS]
     eng = kvjax.Engine(lm, policy="full")
     ref_tok, ref_logits, _ = run_steps(eng, prompts)
-    tok, logits, state = run_steps(eng.with_policy(make_policy("lrqk", num_active=1.0)), prompts)
+    tok, logits, state = run_steps(own(eng, make_policy("lrqk", num_active=1.0)), prompts)
     np.testing.assert_array_equal(tok, ref_tok)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=1e-5)
     assert state.kv_store.sharding.memory_kind == "pinned_host"
     assert state.a_k.shape[-1] == 16  # rank 16 (Llama) = head_dim here: not clipped below it
     # the whole decode step lowers for TPU with the host gather as host compute and a move to the device
-    txt = lower_step_for_tpu(eng.with_policy(make_policy("lrqk", num_active=1.0)), state)
+    txt = lower_step_for_tpu(own(eng, make_policy("lrqk", num_active=1.0)), state)
     assert "annotate_device_placement" in txt and '_xla_compute_type = "host"' in txt
     # small budget: each query head attends n_sel selected + the 64 recent prompt tokens (+ generated)
     pol = make_policy("lrqk", num_active=0.05)
-    _, logits2, st2 = run_steps(eng.with_policy(pol), prompts, steps=2)
+    _, logits2, st2 = run_steps(own(eng, pol), prompts, steps=2)
     assert not np.allclose(logits2[:, 1:], ref_logits[:, 1:3], atol=1e-3)
     used = np.asarray(st2.buf_idx >= 0).sum(-1)  # [L, B, H]
     for b, n in enumerate(LENS):
@@ -195,7 +195,7 @@ def test_smollm2_proxy_scores_rank_like_exact_scores(shared_dir):
     ids = lm.tokenizer.encode(" ".join(json.loads(line)["text"] for line in list(path.open())[:4]))[:800]
     eng = kvjax.Engine(lm, policy=make_policy("lrqk"))
     toks, lengths, _ = eng.prepare([ids], 64)
-    _, kv = eng.prefill(toks, lengths)  # post-RoPE q [L, 1, H, Tb, D], k [L, 1, Hkv, Tb, D]
+    _, kv = eng.dense_prefill(toks, lengths, queries=True)  # post-RoPE q [L, 1, H, Tb, D], k [L, 1, Hkv, Tb, D]
     G, T0, r = cfg.group_size, 768, 16
     fac = jax.jit(lambda Q, K: lrqk_factorize(Q, K, r, history=True))
     proj = jax.jit(lambda q, k, BQ, BK, Ka, Aa: lrqk_project(q, k, BQ, BK, Ka, Aa, jnp.ones(Aa.shape[:-1], bool)))

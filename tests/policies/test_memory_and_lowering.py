@@ -30,7 +30,7 @@ def yakv_run(tiny_lm):
     """Default (paper eval) YAKV on a ragged batch of two prompts; the engine keeps its compiled functions."""
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, 128, n)) for n in (300, 200)]
-    eng = kvjax.Engine(tiny_lm, "yakv")
+    eng = kvjax.Engine(tiny_lm, kvjax.make_policy("yakv", min_seqlen_to_prune=0))
     out = eng.generate(prompts, kvjax.GenerationConfig(max_new_tokens=6, stop_ids=()))
     return eng, prompts, [g.ids for g in out]
 
@@ -58,20 +58,19 @@ def test_memory_per_prompt_token_at_paper_defaults():
     comps = rep["components"]
     assert comps["k_store"]["kind"] == comps["v_store"]["kind"] == "pinned_host"
     assert comps["lm_codes"]["kind"] == "device" and not comps["lm_codes"]["fixed"]
-    assert comps["win_k"]["fixed"] and comps["gen_k"]["fixed"]
+    assert comps["win_k"]["fixed"] and comps["gen"]["fixed"]
 
 
 def test_no_recompiles_across_steps_and_lengths(yakv_run):
     """Decode compiles once per (batch, prompt bucket, generation bucket): more steps and other prompt lengths in
     the same bucket reuse the same executable."""
     eng, _, _ = yakv_run
-    (step,) = eng._step_jit.values()
-    assert step._cache_size() == 1
+    counts = eng.compile_counts()
+    assert counts["loop"] == 1 and counts["prefill"] == 1
     rng = np.random.RandomState(1)
     prompts = [list(rng.randint(3, 128, n)) for n in (400, 257)]  # same 512 bucket, other lengths and budgets
     eng.generate(prompts, kvjax.GenerationConfig(max_new_tokens=9, stop_ids=()))
-    assert len(eng._step_jit) == 1 and step._cache_size() == 1
-    assert len(eng._build_jit) == 1
+    assert eng.compile_counts() == counts
 
 
 def test_tpu_lowering_keeps_host_placement(yakv_run):
@@ -79,10 +78,9 @@ def test_tpu_lowering_keeps_host_placement(yakv_run):
     the selected rows are gathered as host compute and moved to the device."""
     eng, prompts, _ = yakv_run
     st = eng.last_state
-    args = (eng.params, st, jnp.zeros(2, jnp.int32), jnp.asarray(eng.last_lengths), jax.random.key(0),
-            jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    step = eng.step_fn(st)
-    txt = step.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    args = (eng.params, st, jnp.zeros(2, jnp.int32), jnp.asarray(eng.last_session.lengths), kvjax.Sampler.of(),
+            None)
+    txt = eng.step_program(st).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     main = next(line for line in txt.splitlines() if "func.func public @main" in line)
     sig, results = main.split("->", 1)
     store_shape = "x".join(map(str, st.k_store.shape))
@@ -98,7 +96,7 @@ def test_mesh_gives_same_tokens(tiny_lm, yakv_run):
     stay in pinned_host sharded over batch and KV heads."""
     _, prompts, ref = yakv_run
     mesh = compat.make_mesh(data=2, model=4)
-    eng = kvjax.Engine(tiny_lm, "yakv", mesh=mesh)
+    eng = kvjax.Engine(tiny_lm, kvjax.make_policy("yakv", min_seqlen_to_prune=0), mesh=mesh)
     out = eng.generate(prompts, kvjax.GenerationConfig(max_new_tokens=6, stop_ids=()))
     assert [g.ids for g in out] == ref
     st = eng.last_state

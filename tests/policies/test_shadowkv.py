@@ -9,7 +9,8 @@ from flax import nnx
 import kvjax
 import models
 from kvjax import compat
-from kvjax.engine import decode_step_pure
+from kvjax.prefill import build_from_kv
+from policy_steps import own
 from kvjax.policies import POLICIES, make_policy
 from kvjax.policies.base import resolve_budget
 from kvjax.policies.shadowkv import ShadowKVConfig, ShadowKVPolicy
@@ -57,7 +58,8 @@ def _random_layer(L, B, Tb, lengths, seed=0):
 
 
 def _build(pol, k, v, lengths, max_new=8):
-    fn = jax.jit(jax.vmap(lambda kk, vv: pol.build(CFG, kk, vv, jnp.asarray(lengths, jnp.int32), max_new)))
+    """The layer-stacked state as the prefill builds it (host fields placed in host memory)."""
+    fn = jax.jit(lambda kk, vv: build_from_kv(pol, CFG, kk, vv, None, jnp.asarray(lengths, jnp.int32), max_new, None))
     return fn(jnp.asarray(k), jnp.asarray(v))
 
 
@@ -105,18 +107,21 @@ def test_bad_config(kw, exc, match):
         make_policy("shadowkv", **kw)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(sparse_budget=2048), r"sparse_budget=2048 tokens exceeds the prompt length 100 tokens"),
-    (dict(local_budget=128), r"local_budget=128 tokens exceeds the prompt length 100"),
-    (dict(outlier_budget=80), r"outlier_budget=80 gives 10 chunks .* 8 chunks outside the local window"),
-    (dict(sparse_budget=56), r"sparse_budget=56 gives 7 chunks .* 6 landmark chunks .* at most 48 tokens"),
-])
-def test_bad_budgets_for_prompt(tiny, kw, match):
-    pol = make_policy("shadowkv", **{**dict(rank=8, local_budget=32, outlier_budget=16, sparse_budget=48), **kw})
-    with pytest.raises(ValueError, match=match):
-        pol.validate(CFG, np.array([100]), 8)
-    with pytest.raises(ValueError, match=match):  # the engine validates before compiling the decode step
-        tiny.with_policy(pol).generate([_prompt(100, 0)], kvjax.GenerationConfig(max_new_tokens=2))
+@pytest.mark.parametrize("kw", [dict(sparse_budget=2048), dict(local_budget=128), dict(outlier_budget=80),
+                                dict(sparse_budget=48), dict(sparse_budget=56)])
+def test_budgets_covering_the_prompt_decode_exactly(tiny, kw):
+    """A 100-token prompt in chunks of 8 with a 32-token local window has 8 candidate chunks, 2 of them outliers:
+    budgets that select every remaining landmark chunk (or leave none) prune nothing, so the prompt decodes exactly
+    (full attention) instead of through the low-rank keys."""
+    base = dict(rank=8, local_budget=32, outlier_budget=16, sparse_budget=40, min_seqlen_to_prune=0)
+    assert make_policy("shadowkv", **base).prunable(CFG, [100]).all()  # 5 of 6 landmark chunks
+    pol = make_policy("shadowkv", **{**base, **kw})
+    pol.validate(CFG, np.array([100]), 8)  # not an error
+    assert not pol.prunable(CFG, [100]).any()
+    gen = kvjax.GenerationConfig(max_new_tokens=4, stop_ids=())
+    eng = tiny.with_policy(pol)
+    assert eng.generate([_prompt(100, 0)], gen)[0].ids == tiny.generate([_prompt(100, 0)], gen)[0].ids
+    assert eng.last_exact
 
 
 def test_budget_resolution_matches_paper_rule():
@@ -293,9 +298,9 @@ def test_decode_matches_oracle_attention(backend):
             p /= p.sum(1, keepdims=True)
             np.testing.assert_allclose(out[b, h * G:(h + 1) * G], p @ vals, atol=2e-4)
     # the new token went into generated slot 0 of this layer only
-    np.testing.assert_array_equal(np.asarray(st2.gen_k[layer, :, :, 0]), kn)
-    np.testing.assert_array_equal(np.asarray(st2.gen_v[layer, :, :, 0]), vn)
-    assert not np.asarray(st2.gen_k[0]).any()
+    np.testing.assert_array_equal(np.asarray(st2.gen.k[layer, :, :, 0]), kn)
+    np.testing.assert_array_equal(np.asarray(st2.gen.v[layer, :, :, 0]), vn)
+    assert not np.asarray(st2.gen.k[0]).any()
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -306,14 +311,11 @@ def _covering(T, c=8, local=32, outl=16):
 
 
 def _greedy_logits(eng, ids, steps):
-    """Logits [steps+1, 1, V] of greedy decoding (each step feeds back its own argmax) via decode_step_pure."""
-    toks, lengths, _ = eng.prepare([ids], steps)
-    logits, kv = eng.prefill(toks, lengths)
-    state = eng.build(kv, lengths, 16)
-    step = jax.jit(lambda p, s, t, pos: decode_step_pure(p, eng.cfg, eng.policy, s, t, pos))
-    out, tok = [np.asarray(logits)], np.asarray(logits).argmax(-1).astype(np.int32)
-    for i in range(steps):
-        logits, state = step(eng.params, state, tok, lengths + i)
+    """Logits [steps+1, 1, V] of greedy decoding (each step feeds back its own argmax) through a session."""
+    sess = eng.start([ids], steps + 1)
+    out, tok = [np.asarray(sess.first_logits)], np.asarray(sess.first_logits).argmax(-1).astype(np.int32)
+    for _ in range(steps):
+        logits = sess.step(tok).logits
         out.append(np.asarray(logits))
         tok = np.asarray(logits).argmax(-1).astype(np.int32)
     return np.stack(out)
@@ -321,18 +323,19 @@ def _greedy_logits(eng, ids, steps):
 
 def test_full_rank_whole_prompt_reproduces_full(tiny):
     ids = _prompt(100, 1)
-    sk = tiny.with_policy(make_policy("shadowkv", rank=C, **_covering(100)))
+    sk = own(tiny, make_policy("shadowkv", rank=C, **_covering(100)))
     lf, ls = _greedy_logits(tiny, ids, 8), _greedy_logits(sk, ids, 8)
     np.testing.assert_allclose(ls, lf, atol=2e-4, rtol=1e-4)
     # each run feeds back its own argmax: greedy decoding, token for token
     np.testing.assert_array_equal(ls.argmax(-1), lf.argmax(-1))
     # a low rank changes the logits (the tolerance above is not vacuous)
-    low = tiny.with_policy(make_policy("shadowkv", rank=2, **_covering(100)))
+    low = own(tiny, make_policy("shadowkv", rank=2, **_covering(100)))
     assert np.abs(_greedy_logits(low, ids, 1) - lf[:2]).max() > 1e-3
 
 
 def test_ragged_batch_matches_each_alone(tiny):
-    pol = make_policy("shadowkv", rank=8, chunk_size=8, local_budget=16, outlier_budget=16, sparse_budget=0.25)
+    pol = make_policy("shadowkv", rank=8, chunk_size=8, local_budget=16, outlier_budget=16, sparse_budget=0.25,
+                      min_seqlen_to_prune=0)
     eng = tiny.with_policy(pol)
     prompts = [_prompt(100, 2), _prompt(77, 3), _prompt(120, 4)]
     gen = kvjax.GenerationConfig(max_new_tokens=6, stop_ids=())
@@ -344,10 +347,11 @@ def test_ragged_batch_matches_each_alone(tiny):
     rep = eng.memory_report()
     assert rep["components"]["v_store"]["kind"] == "pinned_host"
     assert all(v["kind"] == "device" for n, v in rep["components"].items() if n != "v_store")
-    assert rep["components"]["gen_k"]["fixed"] and not rep["components"]["u"]["fixed"]
-    # prompt lengths within the bucket do not recompile the decode step (batch 1 and batch 3: two entries)
+    assert rep["components"]["gen"]["fixed"] and not rep["components"]["u"]["fixed"]
+    # prompt lengths within the bucket do not recompile the decode loop (batch 1 and batch 3: two programs)
+    counts = eng.compile_counts()
     eng.generate([_prompt(90, 5)], gen)
-    assert len(eng._step_jit) == 2
+    assert eng.compile_counts() == counts
     # KV heads split over a 2-device "model" axis, values in pinned_host on that mesh: same tokens
     mesh = compat.make_mesh(1, 2)
     meng = kvjax.Engine(tiny.lm, policy=pol, mesh=mesh)
@@ -384,7 +388,7 @@ def test_smollm2_full_rank_whole_prompt_reproduces_full():
     T = len(ids)
     assert T > 80
     pol = make_policy("shadowkv", rank=cfg.num_kv_heads * cfg.head_dim, **_covering(T))
-    sk = full.with_policy(pol)
+    sk = own(full, pol)
     lf, ls = _greedy_logits(full, ids, 4), _greedy_logits(sk, ids, 4)
     np.testing.assert_allclose(ls, lf, atol=5e-3, rtol=1e-3)
     gen = kvjax.GenerationConfig(max_new_tokens=12)
