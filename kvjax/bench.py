@@ -7,7 +7,9 @@
   device bytes, host bytes and bytes fetched per step.
 - ``score``: the landmark-scoring path against copy bandwidth (pallas_kernels.bench).
 - ``memory``: compile-only device / host memory of prefill and decode for any model shape (:mod:`kvjax.memory`):
-  nothing is allocated, so the paper's model shapes at 128k tokens run on a CPU.
+  nothing is allocated, so the paper's model shapes at 128k tokens run on a CPU. For bfloat16 the XLA:CPU pass
+  that upcasts bf16 arithmetic to float32 is disabled (:func:`kvjax.memory.native_bf16_analysis`), so buffers have
+  the sizes a TPU/GPU program gives them.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import time
 
 import numpy as np
@@ -318,6 +321,11 @@ def main(args) -> int:
         print(_table(rows, ["method", "prompt_tokens", "ms_per_step", "device_MB", "host_MB",
                             "device_B_per_prompt_token", "fetched_MB_per_step"]))
     elif args.bench == "memory":
+        from .memory import native_bf16_analysis
+
+        if args.dtype == "bfloat16" and not native_bf16_analysis():
+            print("note: XLA:CPU's bf16->f32 upcast pass could not be disabled (the backend already started): bf16 "
+                  "numbers include float32 copies accelerators do not make", file=sys.stderr)
         lengths = [int(x) for x in args.lengths.split(",")]
         batches = [int(x) for x in args.batch.split(",")]
         rows = bench_memory(args.shape, args.methods.split(","), lengths, batches, args.dtype, args.max_new_tokens,

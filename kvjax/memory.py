@@ -21,6 +21,33 @@ import numpy as np
 from .compat import DEVICE_MEMORY_KIND
 
 
+#: XLA:CPU passes that upcast bfloat16 to float32 (bf16 arithmetic; the operands of a bf16 x bf16 -> f32 dot), which
+#: accelerators do not: a bfloat16 program compiled on CPU for its memory analysis would show float32 copies of
+#: every bf16 buffer (the KV cache, the weights, the LM head) that no TPU/GPU program has.
+#: :func:`native_bf16_analysis` disables them for compile-only analyses.
+CPU_BF16_UPCAST_PASSES = "float-normalization-bf16,operand_upcaster"
+
+
+def native_bf16_analysis() -> bool:
+    """Make XLA:CPU compile bfloat16 as bfloat16 for this process (disables :data:`CPU_BF16_UPCAST_PASSES` through
+    ``XLA_FLAGS``). Only for compile-only memory analysis (the programs are never run), and only before the CPU
+    backend starts (the flags are read once); returns whether it is in effect."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_BF16_UPCAST_PASSES in flags:
+        return True
+    try:
+        from jax._src import xla_bridge
+
+        if xla_bridge._backends:  # the backend exists already: too late to change its flags
+            return False
+    except (ImportError, AttributeError):
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_disable_hlo_passes={CPU_BF16_UPCAST_PASSES}".strip()
+    return True
+
+
 def tree_bytes(tree, kind: str | None = None) -> int:
     """Bytes of the array / ShapeDtypeStruct leaves of ``tree`` (only those in memory ``kind`` when given; a leaf
     without a sharding counts as device memory)."""
@@ -178,5 +205,5 @@ def stage_memory(mcfg, policy, prompt_tokens: int, batch: int, dtype="bfloat16",
     return out
 
 
-__all__ = ["DeviceMemoryError", "ProgramMemory", "abstract_params", "device_bytes_available", "explain_oom",
+__all__ = ["CPU_BF16_UPCAST_PASSES", "DeviceMemoryError", "ProgramMemory", "abstract_params", "native_bf16_analysis", "device_bytes_available", "explain_oom",
            "leaf_kind", "program_memory", "stage_memory", "tree_bytes"]

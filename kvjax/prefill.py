@@ -123,7 +123,7 @@ def _write(x, xc, start, on_host):
     return jax.lax.dynamic_update_slice_in_dim(x, xc.astype(x.dtype), start, axis=1)
 
 
-def _layer_interleaved(params, cfg, lp, layer, x, cos, sin, lengths, chunk, keep_q, on_host):
+def _layer_interleaved(params, cfg, lp, layer, x, lengths, chunk, keep_q, on_host):
     """One layer over the prompt, chunk by chunk (qkv -> attention -> MLP per chunk): the CPU path. Returns
     (hidden ``[B, Tb, d]``, k, v ``[B, Hkv, Tb, D]``, q ``[B, H, Tb, D]`` or None)."""
     B, Tb, _ = x.shape
@@ -136,8 +136,7 @@ def _layer_interleaved(params, cfg, lp, layer, x, cos, sin, lengths, chunk, keep
         x, kb, vb, qb = carry
         start = c * chunk
         xc = _read(x, start, chunk, on_host)
-        cs = jax.lax.dynamic_slice_in_dim(cos, start, chunk, axis=0)
-        sn = jax.lax.dynamic_slice_in_dim(sin, start, chunk, axis=0)
+        cs, sn = rope_tables(cfg, start + jnp.arange(chunk, dtype=jnp.int32))  # [chunk, D]: no [Tb, D] tables
         hn = rms_norm(xc, lp["attn_norm"], cfg.rms_norm_eps)
         q, _, k, v = layer_qkv(lp, cfg, xc, cs, sn, hn)
         kb = jax.lax.dynamic_update_slice_in_dim(kb, k.transpose(0, 2, 1, 3), start, axis=2)
@@ -152,7 +151,7 @@ def _layer_interleaved(params, cfg, lp, layer, x, cos, sin, lengths, chunk, keep
     return jax.lax.fori_loop(0, Tb // chunk, body, (x, kb, vb, qb))
 
 
-def _layer_whole(attention, params, cfg, lp, layer, x, cos, sin, lengths, chunk, keep_q, on_host):
+def _layer_whole(attention, params, cfg, lp, layer, x, lengths, chunk, keep_q, on_host):
     """One layer with attention over the whole layer at once (the accelerator kernels): qkv chunk by chunk, one
     ``attention(q [B,Tb,H,D], k, v, lengths)`` call, then output projection + MLP chunk by chunk."""
     B, Tb, _ = x.shape
@@ -165,8 +164,7 @@ def _layer_whole(attention, params, cfg, lp, layer, x, cos, sin, lengths, chunk,
         qa, kb, vb = carry
         start = c * chunk
         xc = _read(x, start, chunk, on_host)
-        cs = jax.lax.dynamic_slice_in_dim(cos, start, chunk, axis=0)
-        sn = jax.lax.dynamic_slice_in_dim(sin, start, chunk, axis=0)
+        cs, sn = rope_tables(cfg, start + jnp.arange(chunk, dtype=jnp.int32))  # [chunk, D]: no [Tb, D] tables
         q, _, k, v = layer_qkv(lp, cfg, xc, cs, sn, rms_norm(xc, lp["attn_norm"], cfg.rms_norm_eps))
         return (jax.lax.dynamic_update_slice_in_dim(qa, q, start, axis=1),
                 jax.lax.dynamic_update_slice_in_dim(kb, k.transpose(0, 2, 1, 3), start, axis=2),
@@ -189,13 +187,13 @@ _layer_whole_gpu = functools.partial(_layer_whole, _layer_attention_gpu)
 _layer_whole_tpu = functools.partial(_layer_whole, _layer_attention_tpu)
 
 
-def layer_forward(params, cfg, lp, layer, x, cos, sin, lengths, chunk: int, keep_q: bool, on_host: bool,
+def layer_forward(params, cfg, lp, layer, x, lengths, chunk: int, keep_q: bool, on_host: bool,
                   platform_kernels: bool = True):
     """One decoder layer over the whole (right-padded) prompt: hidden ``[B, Tb, d]`` -> (hidden, post-RoPE k, v
     ``[B, Hkv, Tb, D]``, post-RoPE q ``[B, H, Tb, D]`` if ``keep_q``). Attention is chosen per lowering platform
     (module docstring); ``platform_kernels=False`` uses the CPU path everywhere."""
     def run(impl):
-        return lambda x: impl(params, cfg, lp, layer, x, cos, sin, lengths, chunk, keep_q, on_host)
+        return lambda x: impl(params, cfg, lp, layer, x, lengths, chunk, keep_q, on_host)
 
     if not platform_kernels:
         return run(_layer_interleaved)(x)
@@ -287,14 +285,13 @@ def prefill_hidden(params: Params, cfg: ModelConfig, policies: Sequence[Any], x:
     if Tb % chunk:
         raise ValueError(f"prompt bucket of {Tb} tokens is not a multiple of the prefill chunk ({chunk} tokens)")
     keep_q = any(p.needs_queries for p in policies)
-    cos, sin = rope_tables(cfg, jnp.arange(Tb, dtype=jnp.int32))  # [Tb, D]
     layer_params = {k[len("layers."):]: v for k, v in params.items() if k.startswith("layers.")}
     if hidden_on_host:
         x = jax.device_put(x, jax.memory.Space.Host)
 
     def body(x, xs):
         lp, layer, ext = xs
-        x, k, v, q = layer_forward(params, cfg, lp, layer, x, cos, sin, lengths, chunk, keep_q, hidden_on_host,
+        x, k, v, q = layer_forward(params, cfg, lp, layer, x, lengths, chunk, keep_q, hidden_on_host,
                                    platform_kernels)
         states = tuple(build_layer(p, cfg, k, v, q if p.needs_queries else None, lengths, max_new, e)
                        for p, e in zip(policies, ext))
