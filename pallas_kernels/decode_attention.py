@@ -34,7 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["decode_attention_ref", "decode_attention_kernel", "check_attention_inputs"]
+__all__ = ["decode_attention_ref", "decode_attention_kernel", "check_attention_inputs", "check_segments",
+           "concat_segments"]
 
 _LANES = 128
 _NEG = -1e30   # finite running-max start: exp(m_old - m_new) stays finite while every row so far is masked
@@ -66,6 +67,45 @@ def check_attention_inputs(q, k, v, lengths=None, mask=None) -> tuple[int, int, 
         if mask.dtype != jnp.bool_ and not jnp.issubdtype(mask.dtype, jnp.floating):
             raise ValueError(f"mask.dtype={mask.dtype}: expected bool (True = valid) or an additive float bias")
     return B, H, D, Hkv, S
+
+
+def check_segments(q, segments) -> None:
+    """Validate row segments ``[(k, v, mask), ...]`` for attention of ``q`` over their union (same batch, KV heads,
+    head dim and K/V dtypes in every segment; ``mask`` as in :func:`check_attention_inputs` or None)."""
+    if not segments:
+        raise ValueError("segments=[]: expected at least one (k, v, mask) segment")
+    for i, seg in enumerate(segments):
+        if len(seg) != 3:
+            raise ValueError(f"segments[{i}] has {len(seg)} items: expected (k, v, mask) with mask None allowed")
+        k, v, mask = seg
+        try:
+            check_attention_inputs(q, k, v, None, mask)
+        except ValueError as e:
+            raise ValueError(f"segments[{i}]: {e}") from None
+        k0, v0 = segments[0][0], segments[0][1]
+        if k.shape[1] != k0.shape[1] or k.dtype != k0.dtype or v.dtype != v0.dtype:
+            raise ValueError(f"segments[{i}]: k {k.dtype}{tuple(k.shape)}, v {v.dtype}: expected the KV heads and "
+                             f"dtypes of segments[0] (k {k0.dtype}{tuple(k0.shape)}, v {v0.dtype})")
+
+
+def concat_segments(segments):
+    """``(k, v, mask)`` of the segments concatenated along rows (``S = sum S_i``); the mask is bool when every
+    segment's is bool or None (None = all valid), else an additive float32 bias; ``[B, Hkv, S]`` when any segment
+    has per-head masks, else ``[B, 1, S]``."""
+    k = jnp.concatenate([s[0] for s in segments], axis=2)
+    v = jnp.concatenate([s[1] for s in segments], axis=2)
+    masks = [s[2] for s in segments]
+    if all(m is None for m in masks):
+        return k, v, None
+    B, Hkv = k.shape[:2]
+    heads = Hkv if any(m is not None and m.shape[1] == Hkv for m in masks) else 1
+    as_bool = all(m is None or m.dtype == jnp.bool_ for m in masks)
+    parts = []
+    for (kk, _, m) in segments:
+        if m is None:
+            m = jnp.ones((B, 1, kk.shape[2]), jnp.bool_)
+        parts.append(jnp.broadcast_to(m if as_bool else _bias(m), (B, heads, kk.shape[2])))
+    return k, v, jnp.concatenate(parts, axis=2)
 
 
 def _lengths_2d(lengths, B: int, Hkv: int, S: int):

@@ -78,24 +78,45 @@ def test_score_dispatch_paths_agree():
 
 
 def _lowered(fn, args, platform):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    """Lowered text of a fresh trace (a new wrapper each call, so the dispatch setting is read again)."""
+    return jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-def test_auto_lowers_kernel_for_tpu_and_reference_elsewhere():
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _paper_args():
     S = jax.ShapeDtypeStruct
     B, Hkv, G, D, T = 1, 8, 4, 128, 131072
     score_args = (S((B, Hkv * G, D), jnp.bfloat16), S((B, Hkv, T, D // 4), jnp.uint8), S((B, Hkv, T), jnp.float32),
                   S((256, 4), jnp.float32), S((B,), jnp.int32))
     attn_args = (S((B, Hkv * G, D), jnp.bfloat16), S((B, Hkv, 4096, D), jnp.bfloat16),
                  S((B, Hkv, 4096, D), jnp.bfloat16), S((B, Hkv, 4096), jnp.bool_))
-    for fn, args in ((functools.partial(dispatch.score_landmarks, mode="eval"), score_args),
-                     (dispatch.decode_attention, attn_args)):
-        assert "tpu_custom_call" in _lowered(fn, args, "tpu")
-        for other in ("cpu", "cuda"):
-            text = _lowered(fn, args, other)
-            assert "tpu_custom_call" not in text and "mosaic_gpu" not in text and "triton" not in text
-    # forcing the reference keeps TPU on the reference too
-    text = _lowered(functools.partial(dispatch.decode_attention, use_kernels=False), attn_args, "tpu")
+    seg_args = (attn_args[0], [(S((B, Hkv, n, D), jnp.bfloat16), S((B, Hkv, n, D), jnp.bfloat16), m)
+                               for n, m in ((128, S((B, 1, 128), jnp.bool_)), (4096, None), (64, S((B, Hkv, 64),
+                                                                                                  jnp.bool_)))])
+    return [(functools.partial(dispatch.score_landmarks, mode=m), score_args) for m in ("eval", "serve")] + [
+        (dispatch.decode_attention, attn_args), (dispatch.decode_attention_segments, seg_args)]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["score_eval", "score_serve", "attention", "segments"])
+def test_auto_lowers_each_platforms_kernel(case):
+    """auto: the Mosaic kernel for TPU, the Triton kernel for CUDA (one call per segment), the reference on CPU."""
+    fn, args = _paper_args()[case]
+    tpu = _lowered(fn, args, "tpu")
+    assert "tpu_custom_call" in tpu and TRITON not in tpu
+    cuda = _lowered(fn, args, "cuda")
+    assert cuda.count(TRITON) == (3 if case == 3 else 1) and "tpu_custom_call" not in cuda
+    cpu = _lowered(fn, args, "cpu")
+    assert "tpu_custom_call" not in cpu and TRITON not in cpu and "custom_call" not in cpu
+
+
+def test_gpu_kernels_switch_and_forced_modes(monkeypatch):
+    fn, args = _paper_args()[2]
+    monkeypatch.setitem(dispatch.GPU_KERNELS, "decode_attention", False)   # auto -> reference on CUDA
+    assert TRITON not in _lowered(fn, args, "cuda")
+    assert TRITON in _lowered(functools.partial(fn, use_kernels=True), args, "cuda")   # forced: kernel anyway
+    text = _lowered(functools.partial(fn, use_kernels=False), args, "tpu")   # reference everywhere
     assert "tpu_custom_call" not in text
 
 
