@@ -13,15 +13,18 @@ from typing import Sequence
 import jax
 
 
-def attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+def attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, layer: jax.Array | None = None
+                ) -> jax.Array:
     """Exact softmax attention of one query per sequence over gathered rows.
 
     q ``[B, H, D]`` (post-RoPE), k/v ``[B, Hkv, S, D]``, valid bool ``[B, Hkv, S]`` (or ``[B, 1, S]``).
-    Scale 1/sqrt(D), softmax in float32. Returns ``[B, H, D]`` in q's dtype.
+    With ``layer`` (int scalar) k/v are a layer-stacked cache ``[L, B, Hkv, S, D]`` and that layer is attended,
+    read in place by the kernels (``k[layer]`` would be copied by XLA before a kernel call). Scale 1/sqrt(D),
+    softmax in float32. Returns ``[B, H, D]`` in q's dtype.
     """
     from pallas_kernels import dispatch
 
-    return dispatch.decode_attention(q, k, v, valid)
+    return dispatch.decode_attention(q, k, v, valid, layer=layer)
 
 
 def attend_segments(q: jax.Array, segments: Sequence[tuple[jax.Array, jax.Array, jax.Array | None]]) -> jax.Array:

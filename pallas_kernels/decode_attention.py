@@ -10,6 +10,11 @@ Validity, any combination of:
 * ``mask`` ``[B, Hkv, S]`` or ``[B, 1, S]``: boolean (True = valid) or additive float (0 / -inf, or any bias
   added to the scaled logits). Policies with ragged per-head valid sets use this.
 
+Layer-stacked caches: with ``layer`` (an int32 scalar, traced) ``k, v`` are ``[L, B, Hkv, S, D]`` and layer
+``layer`` is attended. The kernels read that layer in place; passing ``k[layer]`` instead would make XLA copy the
+layer's whole K and V into a fresh buffer for the custom call first (a dynamic slice is not fused into a kernel
+operand), which for full attention at long contexts triples the bytes moved.
+
 Numerics (the FlashAttention convention): logits ``q . k`` run in K's dtype with float32 accumulation (q is cast
 to K's dtype), times ``scale`` (default ``1/sqrt(D)``), softmax in float32, the probabilities are cast to V's dtype
 for the ``p . v`` product with float32 accumulation. The reference normalises before that cast, the kernel after
@@ -34,8 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["decode_attention_ref", "decode_attention_kernel", "check_attention_inputs", "check_segments",
-           "concat_segments"]
+__all__ = ["decode_attention_ref", "decode_attention_kernel", "check_attention_inputs", "check_layered",
+           "check_segments", "concat_segments", "layer_view"]
 
 _LANES = 128
 _NEG = -1e30   # finite running-max start: exp(m_old - m_new) stays finite while every row so far is masked
@@ -108,6 +113,34 @@ def concat_segments(segments):
     return k, v, jnp.concatenate(parts, axis=2)
 
 
+def _layer_args(k, v, layer):
+    """``(k, v, layer)`` of a layer-stacked call: ``[L, B, Hkv, S, D]`` arrays and an int32 ``[1]`` layer clipped to
+    ``[0, L)``; an unstacked ``[B, Hkv, S, D]`` pair becomes ``L = 1`` (a free reshape) and layer 0."""
+    if layer is None:
+        return k[None], v[None], jnp.zeros((1,), jnp.int32)
+    if k.ndim != 5:
+        raise ValueError(f"k.shape={tuple(k.shape)}: expected [L, B, Hkv, S, D] with layer= given")
+    return k, v, jnp.clip(jnp.asarray(layer, jnp.int32), 0, k.shape[0] - 1).reshape(1)
+
+
+def layer_view(x, layer):
+    """``x[layer]`` of a layer-stacked array (the reference's way), ``x`` itself when ``layer`` is None."""
+    return x if layer is None else lax.dynamic_index_in_dim(x, jnp.asarray(layer, jnp.int32), 0, keepdims=False)
+
+
+def check_layered(q, k, v, lengths=None, mask=None, layer=None) -> tuple[int, int, int, int, int]:
+    """:func:`check_attention_inputs` for ``k, v`` ``[B, Hkv, S, D]``, or ``[L, B, Hkv, S, D]`` with ``layer``."""
+    if layer is not None:
+        if k.ndim != 5 or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}: expected equal [L, B, Hkv, S, D] "
+                             "shapes with layer= given")
+        if jnp.ndim(layer) != 0:
+            raise ValueError(f"layer has shape {jnp.shape(layer)}: expected an int scalar")
+        k = jax.ShapeDtypeStruct(k.shape[1:], k.dtype)
+        v = jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+    return check_attention_inputs(q, k, v, lengths, mask)
+
+
 def _lengths_2d(lengths, B: int, Hkv: int, S: int):
     """int32 ``[B, Hkv]`` clipped to ``[0, S]`` (``S`` everywhere when ``lengths`` is None)."""
     if lengths is None:
@@ -123,8 +156,10 @@ def _bias(mask):
     return mask.astype(jnp.float32)
 
 
-def decode_attention_ref(q, k, v, lengths=None, mask=None, *, scale: float | None = None):
-    """One-query GQA attention, pure jnp. See the module docstring for shapes, masks and numerics."""
+def decode_attention_ref(q, k, v, lengths=None, mask=None, *, scale: float | None = None, layer=None):
+    """One-query GQA attention, pure jnp. See the module docstring for shapes, masks, ``layer`` and numerics."""
+    check_layered(q, k, v, lengths, mask, layer)
+    k, v = layer_view(k, layer), layer_view(v, layer)
     B, H, D, Hkv, S = check_attention_inputs(q, k, v, lengths, mask)
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -144,7 +179,7 @@ def decode_attention_ref(q, k, v, lengths=None, mask=None, *, scale: float | Non
     return o.reshape(B, H, D).astype(q.dtype)
 
 
-def _attn_kernel(len_ref, q_ref, k_ref, v_ref, *rest, Hkv: int, TS: int, S: int, scale: float, has_bias: bool):
+def _attn_kernel(len_ref, lay_ref, q_ref, k_ref, v_ref, *rest, Hkv: int, TS: int, S: int, scale: float, has_bias: bool):
     if has_bias:
         bias_ref, o_ref, m_ref, l_ref, acc_ref = rest
     else:
@@ -191,15 +226,19 @@ def _attn_kernel(len_ref, q_ref, k_ref, v_ref, *rest, Hkv: int, TS: int, S: int,
         o_ref[...] = jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
 
 
-def decode_attention_kernel(q, k, v, lengths=None, mask=None, *, scale: float | None = None,
+def decode_attention_kernel(q, k, v, lengths=None, mask=None, *, scale: float | None = None, layer=None,
                             block_size: int = 512, interpret: bool = False):
     """One-query GQA attention with the Pallas TPU kernel; same contract as :func:`decode_attention_ref`.
 
     Args (beyond the reference's):
       block_size: K/V rows per grid step, a multiple of 128 (clipped to ``S`` rounded up to 128).
       interpret: run with Pallas' interpreter (CPU tests); ``False`` needs a TPU to run.
+
+    The layer (``layer``, else 0 of the reshaped ``[1, ...]`` arrays) is scalar-prefetched and picked by the K/V
+    index maps, so a layer-stacked cache is read in place.
     """
-    B, H, D, Hkv, S = check_attention_inputs(q, k, v, lengths, mask)
+    B, H, D, Hkv, S = check_layered(q, k, v, lengths, mask, layer)
+    k, v, lay = _layer_args(k, v, layer)
     if block_size < _LANES or block_size % _LANES:
         raise ValueError(f"block_size={block_size}: expected a positive multiple of 128 rows")
     G = H // Hkv
@@ -212,23 +251,23 @@ def decode_attention_kernel(q, k, v, lengths=None, mask=None, *, scale: float | 
         return jnp.minimum(s, jnp.maximum(pl.cdiv(lens_ref[b * Hkv + h], TS) - 1, 0))
 
     in_specs = [
-        pl.BlockSpec((None, None, G, D), lambda b, h, s, L: (b, h, 0, 0)),
-        pl.BlockSpec((None, None, TS, D), lambda b, h, s, L: (b, h, blk(b, h, s, L), 0)),
-        pl.BlockSpec((None, None, TS, D), lambda b, h, s, L: (b, h, blk(b, h, s, L), 0)),
+        pl.BlockSpec((None, None, G, D), lambda b, h, s, L, Y: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, None, TS, D), lambda b, h, s, L, Y: (Y[0], b, h, blk(b, h, s, L), 0)),
+        pl.BlockSpec((None, None, None, TS, D), lambda b, h, s, L, Y: (Y[0], b, h, blk(b, h, s, L), 0)),
     ]
-    args = [lens, q.reshape(B, Hkv, G, D), k, v]
+    args = [lens, lay, q.reshape(B, Hkv, G, D), k, v]
     if mask is not None:
         bias = _bias(mask)[:, :, None, :]                                     # [B, 1|Hkv, 1, S]
         per_head = bias.shape[1] == Hkv and Hkv > 1
         in_specs.append(pl.BlockSpec(
-            (None, None, 1, TS), lambda b, h, s, L: (b, h if per_head else 0, 0, blk(b, h, s, L))))
+            (None, None, 1, TS), lambda b, h, s, L, Y: (b, h if per_head else 0, 0, blk(b, h, s, L))))
         args.append(bias)
     kernel = functools.partial(_attn_kernel, Hkv=Hkv, TS=TS, S=S, scale=scale, has_bias=mask is not None)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, Hkv, nS), in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, G, D), lambda b, h, s, L: (b, h, 0, 0)),
+            num_scalar_prefetch=2, grid=(B, Hkv, nS), in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, G, D), lambda b, h, s, L, Y: (b, h, 0, 0)),
             scratch_shapes=[pltpu.VMEM((G, _LANES), jnp.float32), pltpu.VMEM((G, _LANES), jnp.float32),
                             pltpu.VMEM((G, D), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct((B, Hkv, G, D), q.dtype),

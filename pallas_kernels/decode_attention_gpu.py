@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_attention import _bias, _lengths_2d, check_attention_inputs, check_segments
+from pallas_kernels.decode_attention import _bias, _layer_args, _lengths_2d, check_layered, check_segments
 from pallas_kernels.score_gpu import gpu_block
 
 __all__ = ["decode_attention_gpu", "decode_attention_segments_gpu", "attention_partials_gpu", "merge_partials"]
@@ -44,7 +44,7 @@ _NEG = -1e30   # finite running-max start: exp(m_old - m_new) stays finite while
 _MIN_DOT_ROWS = 16
 
 
-def _attn_kernel(len_ref, q_ref, k_ref, v_ref, *rest, G: int, Gq: int, S: int, BK: int, R: int, scale: float,
+def _attn_kernel(len_ref, lay_ref, q_ref, k_ref, v_ref, *rest, G: int, Gq: int, S: int, BK: int, R: int, scale: float,
                  has_bias: bool):
     if has_bias:
         bias_ref, o_ref, m_ref, l_ref = rest
@@ -54,6 +54,7 @@ def _attn_kernel(len_ref, q_ref, k_ref, v_ref, *rest, G: int, Gq: int, S: int, B
     split = pl.program_id(2)
     lo = split * R
     hi = jnp.minimum(lo + R, len_ref[...])
+    layer = lay_ref[...]
     qrow = jnp.arange(Gq, dtype=jnp.int32) < G
     D = q_ref.shape[-1]
     q = plgpu.load(q_ref.at[pl.ds(0, Gq), :], mask=qrow[:, None], other=0).astype(k_ref.dtype)   # [Gq, D]
@@ -63,8 +64,8 @@ def _attn_kernel(len_ref, q_ref, k_ref, v_ref, *rest, G: int, Gq: int, S: int, B
         start = lo + i * BK
         pos = start + jnp.arange(BK, dtype=jnp.int32)
         in_rows = pos < S
-        kb = plgpu.load(k_ref.at[pl.ds(start, BK), :], mask=in_rows[:, None], other=0)           # [BK, D]
-        vb = plgpu.load(v_ref.at[pl.ds(start, BK), :], mask=in_rows[:, None], other=0)
+        kb = plgpu.load(k_ref.at[layer, pl.ds(start, BK), :], mask=in_rows[:, None], other=0)    # [BK, D]
+        vb = plgpu.load(v_ref.at[layer, pl.ds(start, BK), :], mask=in_rows[:, None], other=0)
         s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
         if bias_ref is not None:
             s = s + plgpu.load(bias_ref.at[pl.ds(start, BK)], mask=in_rows, other=0.0)[None, :]
@@ -90,13 +91,15 @@ def _num_splits(B: int, Hkv: int, S: int, BK: int, target_programs: int, min_spl
     return pl.cdiv(S, R), R
 
 
-def attention_partials_gpu(q, k, v, lengths=None, mask=None, *, scale: float | None = None, block_k: int = 64,
-                           target_programs: int = 512, min_split_rows: int = 256, num_warps: int = 4,
-                           num_stages: int = 2, interpret: bool = False):
+def attention_partials_gpu(q, k, v, lengths=None, mask=None, *, scale: float | None = None, layer=None,
+                           block_k: int = 64, target_programs: int = 512, min_split_rows: int = 256,
+                           num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """Split-K partials of one-query GQA attention: ``(acc [B, Hkv, n, G, D], m [B, Hkv, n, G], l [B, Hkv, n, G])``,
     float32, ``n`` splits; ``acc`` is unnormalised (``softmax = acc / l`` within a split). :func:`merge_partials`
     finishes. Args as :func:`decode_attention_gpu`."""
-    B, H, D, Hkv, S = check_attention_inputs(q, k, v, lengths, mask)
+    B, H, D, Hkv, S = check_layered(q, k, v, lengths, mask, layer)
+    k, v, lay = _layer_args(k, v, layer)
+    Lk = k.shape[0]
     if D < _MIN_DOT_ROWS or D & (D - 1):
         raise ValueError(f"head dim D={D}: the Triton kernel needs a power of two >= 16")
     G = H // Hkv
@@ -106,11 +109,12 @@ def attention_partials_gpu(q, k, v, lengths=None, mask=None, *, scale: float | N
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     in_specs = [
         pl.BlockSpec((None, None), lambda b, h, s: (b, h)),
+        pl.BlockSpec((None,), lambda b, h, s: (0,)),
         pl.BlockSpec((None, None, G, D), lambda b, h, s: (b, h, 0, 0)),
-        pl.BlockSpec((None, None, S, D), lambda b, h, s: (b, h, 0, 0)),
-        pl.BlockSpec((None, None, S, D), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((Lk, None, None, S, D), lambda b, h, s: (0, b, h, 0, 0)),   # every layer: indexed in place
+        pl.BlockSpec((Lk, None, None, S, D), lambda b, h, s: (0, b, h, 0, 0)),
     ]
-    args = [_lengths_2d(lengths, B, Hkv, S), q.reshape(B, Hkv, G, D), k, v]
+    args = [_lengths_2d(lengths, B, Hkv, S), lay, q.reshape(B, Hkv, G, D), k, v]
     if mask is not None:
         bias = _bias(mask)                                                    # [B, 1|Hkv, S]
         per_head = bias.shape[1] == Hkv and Hkv > 1
@@ -145,11 +149,12 @@ def merge_partials(parts, dtype) -> jax.Array:
     return o.reshape(B, Hkv * G, D).astype(dtype)
 
 
-def decode_attention_gpu(q, k, v, lengths=None, mask=None, *, scale: float | None = None, block_k: int = 64,
-                         target_programs: int = 512, min_split_rows: int = 256, num_warps: int = 4,
-                         num_stages: int = 2, interpret: bool = False):
+def decode_attention_gpu(q, k, v, lengths=None, mask=None, *, scale: float | None = None, layer=None,
+                         block_k: int = 64, target_programs: int = 512, min_split_rows: int = 256,
+                         num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """One-query GQA attention with the Pallas Triton kernel; same contract as
-    :func:`pallas_kernels.decode_attention.decode_attention_ref`.
+    :func:`pallas_kernels.decode_attention.decode_attention_ref` (``layer``: ``k, v`` are layer-stacked
+    ``[L, B, Hkv, S, D]`` and that layer is read in place).
 
     Args (beyond the reference's):
       block_k: K/V rows per loop step, a power of two >= 16 (clipped to ``S`` rounded up to a power of two).
@@ -160,7 +165,7 @@ def decode_attention_gpu(q, k, v, lengths=None, mask=None, *, scale: float | Non
     """
     kw = dict(scale=scale, block_k=block_k, target_programs=target_programs, min_split_rows=min_split_rows,
               num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    return merge_partials([attention_partials_gpu(q, k, v, lengths, mask, **kw)], q.dtype)
+    return merge_partials([attention_partials_gpu(q, k, v, lengths, mask, layer=layer, **kw)], q.dtype)
 
 
 def decode_attention_segments_gpu(q, segments, *, scale: float | None = None, block_k: int = 64,

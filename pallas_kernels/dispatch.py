@@ -49,6 +49,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import decode_attention as _attn
@@ -139,41 +140,47 @@ def _run(op: str, tpu_fn, gpu_fn, ref_fn, arrays, backend: str):
     return lax.platform_dependent(*arrays, tpu=tpu, default=ref_fn, **on_gpu)
 
 
-def score_landmarks(q, codes, scales, grid, lengths, *, mode: str = "eval", use_kernels=None,
+def score_landmarks(q, codes, scales, grid, lengths, *, mode: str = "eval", layer=None, use_kernels=None,
                     interpret: bool = False, block_tokens: int = 512, kernel_method: str = "gather",
                     ref_method: str = "lut"):
     """YAKV landmark scores, ``[B, Hkv, T]`` (bf16 in ``mode="eval"``, float32 in ``"serve"``; ``-inf`` invalid).
 
     Inputs as in :mod:`pallas_kernels.score`: ``q [B, H, D]``, uint8 ``codes [B, Hkv, T, D/d]``, float32
-    ``scales [B, Hkv, T]``, float32 ``grid [n, d]``, int ``lengths [B]``. ``kernel_method`` ("gather" | "onehot")
-    and ``block_tokens`` tune the kernel, ``ref_method`` ("lut" | "lut_f32" | "dequant") the reference.
+    ``scales [B, Hkv, T]``, float32 ``grid [n, d]``, int ``lengths [B]``; with ``layer`` (int scalar) ``codes`` /
+    ``scales`` are layer-stacked ``[L, ...]`` and the kernels read that layer in place (pass the stacked arrays
+    rather than ``codes[layer]``, which XLA copies before a kernel call). ``kernel_method`` ("gather" | "onehot")
+    and ``block_tokens`` tune the TPU kernel, ``ref_method`` ("lut" | "lut_f32" | "dequant") the reference; the GPU
+    kernel runs with its defaults (:func:`pallas_kernels.score_gpu.score_landmarks_gpu`).
     """
-    _score.check_score_inputs(q, codes, scales, grid, lengths, mode)
+    _score.check_score_inputs(q, codes, scales, grid, lengths, mode, layer)
     kern = functools.partial(_score.score_landmarks_kernel, mode=mode, block_tokens=block_tokens,
                              method=kernel_method)
     gpu = functools.partial(score_landmarks_gpu, mode=mode)
     ref = functools.partial(_score.score_landmarks_ref, mode=mode, method=ref_method)
-    return _run("score_landmarks", kern, gpu, ref, (q, codes, scales, grid, lengths),
-                resolve_backend(use_kernels, interpret))
+    arrays = (q, codes, scales, grid, lengths)
+    if layer is not None:
+        arrays += (jnp.asarray(layer, jnp.int32),)
+        kern, gpu, ref = (lambda *a, _f=f, **kw: _f(*a[:5], layer=a[5], **kw) for f in (kern, gpu, ref))
+    return _run("score_landmarks", kern, gpu, ref, arrays, resolve_backend(use_kernels, interpret))
 
 
-def decode_attention(q, k, v, mask=None, *, lengths=None, scale: float | None = None, use_kernels=None,
+def decode_attention(q, k, v, mask=None, *, lengths=None, layer=None, scale: float | None = None, use_kernels=None,
                      interpret: bool = False, block_size: int = 512):
     """One-query GQA attention ``[B, H, D]`` over ``k, v [B, Hkv, S, D]``.
 
     ``mask`` ``[B, Hkv, S]`` / ``[B, 1, S]``, bool (True = valid) or additive float; ``lengths`` int ``[B]`` or
-    ``[B, Hkv]`` (rows ``>= length`` invalid). Both optional and combinable. Softmax scale ``1/sqrt(D)`` unless
-    ``scale`` is given. Numerics in :mod:`pallas_kernels.decode_attention`.
+    ``[B, Hkv]`` (rows ``>= length`` invalid). Both optional and combinable. ``layer`` (int scalar): ``k, v`` are
+    layer-stacked ``[L, B, Hkv, S, D]`` and the kernels read that layer in place (pass the stacked cache rather
+    than ``k[layer]``, which XLA copies before a kernel call). Softmax scale ``1/sqrt(D)`` unless ``scale`` is
+    given. Numerics in :mod:`pallas_kernels.decode_attention`.
     """
-    _attn.check_attention_inputs(q, k, v, lengths, mask)
+    _attn.check_layered(q, k, v, lengths, mask, layer)
     arrays = [q, k, v]
     names = []
-    if lengths is not None:
-        arrays.append(lengths)
-        names.append("lengths")
-    if mask is not None:
-        arrays.append(mask)
-        names.append("mask")
+    for name, x in (("lengths", lengths), ("mask", mask), ("layer", layer)):
+        if x is not None:
+            arrays.append(x if name != "layer" else jnp.asarray(x, jnp.int32))
+            names.append(name)
 
     def bind(fn):
         def call(q_, k_, v_, *extra, **kw):

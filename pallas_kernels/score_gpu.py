@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.score import Mode, check_score_inputs, query_tables
+from pallas_kernels.score import Mode, check_score_inputs, layer_args, query_tables
 
 __all__ = ["score_landmarks_gpu", "gpu_block"]
 
@@ -50,21 +50,22 @@ def gpu_block(size: int, limit: int, name: str) -> int:
     return min(size, max(16, 1 << max(int(limit) - 1, 0).bit_length()))
 
 
-def _score_kernel(len_ref, codes_ref, scales_ref, lut_ref, *out_refs, P: int, TB: int, T: int, J: int,
+def _score_kernel(len_ref, lay_ref, codes_ref, scales_ref, lut_ref, *out_refs, P: int, TB: int, T: int, J: int,
                   mode: str):
     """One program: ``TB`` tokens of one KV head. ``out_refs``: serve ``(out [T],)``; eval ``(raw [P, T],
     m [P, nT], l [P, nT])``."""
     t = pl.program_id(2)
     length = len_ref[...]
+    layer = lay_ref[...]
     start = t * TB
     pos = start + jnp.arange(TB, dtype=jnp.int32)
     in_rows = pos < T
     valid = pos < length
 
     def lookups():
-        c = plgpu.load(codes_ref.at[pl.ds(start, TB), :], mask=in_rows[:, None], other=0).astype(jnp.int32)
+        c = plgpu.load(codes_ref.at[layer, pl.ds(start, TB), :], mask=in_rows[:, None], other=0).astype(jnp.int32)
         off = c + (jnp.arange(J, dtype=jnp.int32) * _TABLE)[None, :]                        # [TB, J]
-        s = plgpu.load(scales_ref.at[pl.ds(start, TB)], mask=in_rows, other=0.0)
+        s = plgpu.load(scales_ref.at[layer, pl.ds(start, TB)], mask=in_rows, other=0.0)
         return [jnp.where(valid, jnp.sum(lut_ref[p, off], axis=1) * s, -jnp.inf) for p in range(P)]
 
     if mode == "serve":
@@ -111,11 +112,11 @@ def _eval_epilogue(raw, m, l, lengths):
     return jnp.where(valid, jnp.max(prob, axis=2), -jnp.inf).astype(jnp.bfloat16)
 
 
-def score_landmarks_gpu(q, codes, scales, grid, lengths, *, mode: Mode = "eval", block_tokens: int = 256,
+def score_landmarks_gpu(q, codes, scales, grid, lengths, *, mode: Mode = "eval", layer=None, block_tokens: int = 256,
                         num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """Landmark scores with the Pallas Triton kernel; same contract as :func:`pallas_kernels.score.score_landmarks_ref`.
 
-    Args (beyond the reference's):
+    Args (beyond the reference's; ``layer``: layer-stacked ``codes``/``scales``, read in place):
       block_tokens: tokens per program, a power of two >= 16 (clipped to ``T`` rounded up to a power of two).
       num_warps, num_stages: Triton launch parameters (threads per program / 32, software-pipelining depth).
       interpret: run the kernel body with Pallas' interpreter (CPU tests); ``False`` needs a GPU to run and
@@ -123,7 +124,9 @@ def score_landmarks_gpu(q, codes, scales, grid, lengths, *, mode: Mode = "eval",
 
     Returns ``[B, Hkv, T]``: bf16 in eval mode, float32 in serve mode; ``-inf`` where ``t >= lengths[b]``.
     """
-    B, H, D, Hkv, T, J, n, d = check_score_inputs(q, codes, scales, grid, lengths, mode)
+    B, H, D, Hkv, T, J, n, d = check_score_inputs(q, codes, scales, grid, lengths, mode, layer)
+    codes, scales, lay = layer_args(codes, scales, layer)
+    Lc = codes.shape[0]
     TB = gpu_block(block_tokens, T, "block_tokens")
     nT = pl.cdiv(T, TB)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, T)
@@ -132,8 +135,9 @@ def score_landmarks_gpu(q, codes, scales, grid, lengths, *, mode: Mode = "eval",
     lut = lut.reshape(B, Hkv, P, J * _TABLE)
     in_specs = [
         pl.BlockSpec((None,), lambda b, h, t: (b,)),
-        pl.BlockSpec((None, None, T, J), lambda b, h, t: (b, h, 0, 0)),
-        pl.BlockSpec((None, None, T), lambda b, h, t: (b, h, 0)),
+        pl.BlockSpec((None,), lambda b, h, t: (0,)),
+        pl.BlockSpec((Lc, None, None, T, J), lambda b, h, t: (0, b, h, 0, 0)),   # every layer: indexed in place
+        pl.BlockSpec((Lc, None, None, T), lambda b, h, t: (0, b, h, 0)),
         pl.BlockSpec((None, None, P, J * _TABLE), lambda b, h, t: (b, h, 0, 0)),
     ]
     if mode == "serve":
@@ -151,7 +155,7 @@ def score_landmarks_gpu(q, codes, scales, grid, lengths, *, mode: Mode = "eval",
         kernel, grid=(B, Hkv, nT), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="kvjax_score_landmarks",
-    )(lengths, codes, scales.astype(jnp.float32), lut)
+    )(lengths, lay, codes, scales.astype(jnp.float32), lut)
     if mode == "serve":
         return outs[0]
     return _eval_epilogue(*outs, lengths)

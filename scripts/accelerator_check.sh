@@ -13,6 +13,8 @@
 # 4. decode: `kvjax bench decode --shape llama-3.1-8b-instruct --dtype bfloat16` at 32768 and 131072 tokens for
 #    full,yakv,yakv-serving,shadowkv (one process per length; a failed length is retried method by method);
 # 5. memory: `kvjax bench memory` when that command exists;
+# 6. control: `full` at the longest length with KVJAX_KERNELS=reference (XLA's attention instead of the kernel), so
+#    the full-attention baseline is known both ways;
 # and writes OUTDIR/{check.json, summary.md, kernels.xml, score.json, decode_<T>.json, memory.json, logs/}.
 # Exit status: 0 all passed; 1 a step failed (a compiled kernel differs from its reference, a bench crashed or
 # timed out); 2 bad arguments; 3 no usable accelerator / JAX install.
@@ -188,6 +190,13 @@ if want memory; then
   fi
 fi
 
+if want decode; then
+  TMAX=${DEC_LENGTHS##* }
+  run "decode_${TMAX}_full_reference" 150 env KVJAX_KERNELS=reference "${CLI[@]}" decode --shape "$DEC_SHAPE" \
+      --dtype "$DEC_DTYPE" --lengths "$TMAX" --methods full ${DEC_STEPS[@]+"${DEC_STEPS[@]}"} \
+      --json "$OUT/decode_${TMAX}_full_reference.json" || FAILED=1
+fi
+
 # ---------------------------------------------------------------------------------------------- report
 "$PY" - "$OUT" "$PLATFORM" "$DRY" "$FAILED" << 'EOF'
 import glob, json, os, re, sys, xml.etree.ElementTree as ET
@@ -244,6 +253,8 @@ if score:
 dec = []
 for path in sorted(glob.glob(os.path.join(out, "decode_*.json"))):
     for r in load(path):
+        if path.endswith("_reference.json"):
+            r["method"] += " (KVJAX_KERNELS=reference)"
         if r not in dec:
             dec.append(r)
 if dec:

@@ -38,7 +38,9 @@ def test_dry_run_passes_and_reports(tmp_path):
     steps = {s["step"]: s for s in rep["steps"]}
     assert {"kernels", "score", "decode_2560"} <= set(steps) and all(steps[k]["rc"] == "0" for k in steps)
     assert rep["kernels"]["counts"]["passed"] >= 4 and rep["kernels"]["counts"]["FAILED"] == 0
-    assert {r["method"] for r in rep["decode"]} == {"full", "yakv", "yakv-serving", "shadowkv"}
+    assert {r["method"] for r in rep["decode"]} == {"full", "yakv", "yakv-serving", "shadowkv",
+                                                   "full (KVJAX_KERNELS=reference)"}
+    assert steps["decode_2560_full_reference"]["rc"] == "0"
     assert {(r["mode"], r["landmarks"]) for r in rep["score"]} == {("serve", 1024), ("eval", 1024)}
     summary = (out / "summary.md").read_text()
     assert "## Decode step" in summary and "**PASSED**" in summary

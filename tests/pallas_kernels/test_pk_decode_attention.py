@@ -83,3 +83,16 @@ def test_kernel_lowers_for_tpu(shape, with_mask):
     text = jax.jit(functools.partial(decode_attention_kernel, interpret=False)).trace(*args).lower(
         lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
+
+
+@pytest.mark.compiled
+def test_kernel_layer_stacked_cache_matches_oracle():
+    rng = np.random.default_rng(9)
+    L, B, Hkv, G, D, S = 3, 2, 2, 4, 64, 200
+    q, k0, v0 = _inputs(rng, B, Hkv, G, D, S, jnp.float32)
+    k = jnp.stack([k0 * (i + 1) for i in range(L)])
+    v = jnp.stack([v0 - i for i in range(L)])
+    lengths = jnp.asarray([200, 77], jnp.int32)
+    got = decode_attention_kernel(q, k, v, lengths, layer=jnp.int32(1), block_size=128,
+                                  interpret=kernel_interpret("tpu"))
+    np.testing.assert_allclose(np.asarray(got), attention_oracle(q, k[1], v[1], lengths=lengths), **_tol(jnp.float32))

@@ -168,3 +168,16 @@ def test_kernel_lowers_for_cuda(shape, with_mask):
     text = jax.jit(functools.partial(decode_attention_gpu, interpret=False)).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count(TRITON) == 1 and "kvjax_decode_attention" in text
+
+
+@pytest.mark.compiled
+def test_layer_stacked_cache_matches_reference():
+    rng = np.random.default_rng(9)
+    L, B, Hkv, G, D, S = 3, 2, 2, 4, 64, 200
+    q, k0, v0 = attention_inputs(rng, B, Hkv, G, D, S, jnp.bfloat16)
+    k = jnp.stack([k0 * (i + 1) for i in range(L)])
+    v = jnp.stack([v0 - i for i in range(L)])
+    lengths = jnp.asarray([200, 77], jnp.int32)
+    got = decode_attention_gpu(q, k, v, lengths, layer=jnp.int32(2), block_k=32, interpret=kernel_interpret("gpu"))
+    want = attention_oracle(q, k[2], v[2], lengths=lengths)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, **attention_tol(jnp.bfloat16))
