@@ -1,4 +1,5 @@
-"""Decode attention: reference vs a float64 numpy oracle, Pallas kernel (interpret mode) vs reference, TPU lowering."""
+"""Decode attention: reference vs a float64 numpy oracle, TPU kernel (interpret mode) vs reference, TPU and GPU
+kernels lowered for their platforms and on layer-stacked caches."""
 import functools
 
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention_kernel, decode_attention_ref
+from pallas_kernels.decode_attention_gpu import decode_attention_gpu
 from pk_cases import ATTN_KERNEL_CASES, MASKINGS, attention_inputs as _inputs, attention_tol as _tol, kernel_interpret
 from pk_cases import masking as _masking
 from pk_oracle import attention_oracle
@@ -71,28 +73,37 @@ def test_kernel_interpret_matches_reference(case):
     np.testing.assert_allclose(np.asarray(got, np.float64), attention_oracle(q, k, v, **kw), **_tol(dtype))
 
 
+# each kernel with the platform it lowers for and the custom call it lowers to
+KERNELS = {"tpu": (decode_attention_kernel, "tpu", "tpu_custom_call"),
+           "gpu": (decode_attention_gpu, "cuda", "__gpu$xla.gpu.triton")}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("shape", [(1, 8, 4, 128, 8192), (2, 3, 3, 64, 5000)])   # paper, smollm2
-def test_kernel_lowers_for_tpu(shape, with_mask):
+@pytest.mark.parametrize("shape", [(1, 8, 4, 128, 131072), (2, 3, 3, 64, 5000)])   # paper at 128k, smollm2
+def test_kernel_lowers(shape, with_mask, kernel):
+    fn, platform, call = KERNELS[kernel]
     B, Hkv, G, D, S = shape
     T = jax.ShapeDtypeStruct
     args = [T((B, Hkv * G, D), jnp.bfloat16), T((B, Hkv, S, D), jnp.bfloat16), T((B, Hkv, S, D), jnp.bfloat16),
             T((B,), jnp.int32)]
     if with_mask:
         args.append(T((B, Hkv, S), jnp.bool_))
-    text = jax.jit(functools.partial(decode_attention_kernel, interpret=False)).trace(*args).lower(
-        lowering_platforms=("tpu",)).as_text()
-    assert "tpu_custom_call" in text
+    text = jax.jit(functools.partial(fn, interpret=False)).trace(*args).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert text.count(call) == 1
 
 
 @pytest.mark.compiled
-def test_kernel_layer_stacked_cache_matches_oracle():
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_kernel_layer_stacked_cache_matches_oracle(kernel):
+    fn, target = KERNELS[kernel][0], kernel
     rng = np.random.default_rng(9)
     L, B, Hkv, G, D, S = 3, 2, 2, 4, 64, 200
-    q, k0, v0 = _inputs(rng, B, Hkv, G, D, S, jnp.float32)
+    q, k0, v0 = _inputs(rng, B, Hkv, G, D, S, jnp.bfloat16)
     k = jnp.stack([k0 * (i + 1) for i in range(L)])
     v = jnp.stack([v0 - i for i in range(L)])
     lengths = jnp.asarray([200, 77], jnp.int32)
-    got = decode_attention_kernel(q, k, v, lengths, layer=jnp.int32(1), block_size=128,
-                                  interpret=kernel_interpret("tpu"))
-    np.testing.assert_allclose(np.asarray(got), attention_oracle(q, k[1], v[1], lengths=lengths), **_tol(jnp.float32))
+    got = fn(q, k, v, lengths, layer=jnp.int32(2), interpret=kernel_interpret(target))
+    want = attention_oracle(q, k[2], v[2], lengths=lengths)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, **_tol(jnp.bfloat16))

@@ -1,6 +1,6 @@
 """Decode attention, GPU (Triton) split-K kernel and row segments: interpret mode (or compiled,
-KVJAX_TEST_COMPILED=1 on a GPU) vs the reference over the TPU kernel's sweep, vs the float64 oracle, and the CUDA
-lowering from CPU."""
+KVJAX_TEST_COMPILED=1 on a GPU) vs the reference over the TPU kernel's sweep and vs the float64 oracle (its CUDA
+lowering and layer-stacked caches: test_pk_decode_attention.py)."""
 import functools
 
 import jax
@@ -18,7 +18,6 @@ from pallas_kernels.decode_attention_gpu import (
 from pk_cases import ATTN_KERNEL_CASES, attention_inputs, attention_tol, kernel_interpret, masking
 from pk_oracle import attention_oracle
 
-TRITON = "__gpu$xla.gpu.triton"
 # splits: one per head / the default choice / many small ones (min_split_rows below the block)
 SPLITS = {"one": dict(target_programs=1), "auto": {}, "many": dict(target_programs=4096, min_split_rows=16)}
 
@@ -154,30 +153,3 @@ def test_input_validation():
         dispatch.decode_attention_segments(q, [(k, v, None), (k.astype(jnp.bfloat16), v, None)])
     with pytest.raises(ValueError, match=r"segments\[0\]: mask.shape"):
         dispatch.decode_attention_segments(q, [(k, v, jnp.ones((1, 2, 19), bool))])
-
-
-@pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("shape", [(1, 8, 4, 128, 131072), (2, 3, 3, 64, 5000)])   # paper at 128k, smollm2
-def test_kernel_lowers_for_cuda(shape, with_mask):
-    B, Hkv, G, D, S = shape
-    T = jax.ShapeDtypeStruct
-    args = [T((B, Hkv * G, D), jnp.bfloat16), T((B, Hkv, S, D), jnp.bfloat16), T((B, Hkv, S, D), jnp.bfloat16),
-            T((B,), jnp.int32)]
-    if with_mask:
-        args.append(T((B, Hkv, S), jnp.bool_))
-    text = jax.jit(functools.partial(decode_attention_gpu, interpret=False)).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert text.count(TRITON) == 1 and "kvjax_decode_attention" in text
-
-
-@pytest.mark.compiled
-def test_layer_stacked_cache_matches_reference():
-    rng = np.random.default_rng(9)
-    L, B, Hkv, G, D, S = 3, 2, 2, 4, 64, 200
-    q, k0, v0 = attention_inputs(rng, B, Hkv, G, D, S, jnp.bfloat16)
-    k = jnp.stack([k0 * (i + 1) for i in range(L)])
-    v = jnp.stack([v0 - i for i in range(L)])
-    lengths = jnp.asarray([200, 77], jnp.int32)
-    got = decode_attention_gpu(q, k, v, lengths, layer=jnp.int32(2), block_k=32, interpret=kernel_interpret("gpu"))
-    want = attention_oracle(q, k[2], v[2], lengths=lengths)
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, **attention_tol(jnp.bfloat16))
