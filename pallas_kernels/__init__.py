@@ -5,6 +5,7 @@
 * :mod:`pallas_kernels.decode_attention` — one-query GQA attention over gathered K/V rows (TPU kernel).
 * :mod:`pallas_kernels.decode_attention_gpu` — split-K GPU kernel of it, also over several row segments.
 * :mod:`pallas_kernels.fetch_dma` — selected rows DMA'd from a host-resident store (TPU kernel).
+* :mod:`pallas_kernels.stacked` — ``layer=``: kernels reading one layer of layer-stacked inputs in place.
 * :mod:`pallas_kernels.dispatch` — one entry point per op choosing kernel / interpret / reference per platform
   (``use_kernels`` argument, :func:`set_use_kernels`, env ``KVJAX_KERNELS``).
 * :mod:`pallas_kernels.bench` — scoring speed vs copy bandwidth and vs full attention (:func:`bench_score`).

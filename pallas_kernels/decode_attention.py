@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.stacked import per_layer, stacked_args
+
 __all__ = ["decode_attention_ref", "decode_attention_kernel", "check_attention_inputs", "check_layered",
            "check_segments", "concat_segments", "layer_view"]
 
@@ -113,16 +115,6 @@ def concat_segments(segments):
     return k, v, jnp.concatenate(parts, axis=2)
 
 
-def _layer_args(k, v, layer):
-    """``(k, v, layer)`` of a layer-stacked call: ``[L, B, Hkv, S, D]`` arrays and an int32 ``[1]`` layer clipped to
-    ``[0, L)``; an unstacked ``[B, Hkv, S, D]`` pair becomes ``L = 1`` (a free reshape) and layer 0."""
-    if layer is None:
-        return k[None], v[None], jnp.zeros((1,), jnp.int32)
-    if k.ndim != 5:
-        raise ValueError(f"k.shape={tuple(k.shape)}: expected [L, B, Hkv, S, D] with layer= given")
-    return k, v, jnp.clip(jnp.asarray(layer, jnp.int32), 0, k.shape[0] - 1).reshape(1)
-
-
 def layer_view(x, layer):
     """``x[layer]`` of a layer-stacked array (the reference's way), ``x`` itself when ``layer`` is None."""
     return x if layer is None else lax.dynamic_index_in_dim(x, jnp.asarray(layer, jnp.int32), 0, keepdims=False)
@@ -134,10 +126,7 @@ def check_layered(q, k, v, lengths=None, mask=None, layer=None) -> tuple[int, in
         if k.ndim != 5 or tuple(v.shape) != tuple(k.shape):
             raise ValueError(f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}: expected equal [L, B, Hkv, S, D] "
                              "shapes with layer= given")
-        if jnp.ndim(layer) != 0:
-            raise ValueError(f"layer has shape {jnp.shape(layer)}: expected an int scalar")
-        k = jax.ShapeDtypeStruct(k.shape[1:], k.dtype)
-        v = jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+        k, v = per_layer(layer, k=k, v=v)
     return check_attention_inputs(q, k, v, lengths, mask)
 
 
@@ -238,7 +227,7 @@ def decode_attention_kernel(q, k, v, lengths=None, mask=None, *, scale: float | 
     index maps, so a layer-stacked cache is read in place.
     """
     B, H, D, Hkv, S = check_layered(q, k, v, lengths, mask, layer)
-    k, v, lay = _layer_args(k, v, layer)
+    k, v, lay = stacked_args(layer, k, v)
     if block_size < _LANES or block_size % _LANES:
         raise ValueError(f"block_size={block_size}: expected a positive multiple of 128 rows")
     G = H // Hkv

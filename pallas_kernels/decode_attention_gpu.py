@@ -35,7 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_attention import _bias, _layer_args, _lengths_2d, check_layered, check_segments
+from pallas_kernels.decode_attention import _bias, _lengths_2d, check_layered, check_segments
+from pallas_kernels.stacked import stacked_args
 from pallas_kernels.score_gpu import gpu_block
 
 __all__ = ["decode_attention_gpu", "decode_attention_segments_gpu", "attention_partials_gpu", "merge_partials"]
@@ -98,7 +99,7 @@ def attention_partials_gpu(q, k, v, lengths=None, mask=None, *, scale: float | N
     float32, ``n`` splits; ``acc`` is unnormalised (``softmax = acc / l`` within a split). :func:`merge_partials`
     finishes. Args as :func:`decode_attention_gpu`."""
     B, H, D, Hkv, S = check_layered(q, k, v, lengths, mask, layer)
-    k, v, lay = _layer_args(k, v, layer)
+    k, v, lay = stacked_args(layer, k, v)
     Lk = k.shape[0]
     if D < _MIN_DOT_ROWS or D & (D - 1):
         raise ValueError(f"head dim D={D}: the Triton kernel needs a power of two >= 16")

@@ -113,6 +113,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.stacked import per_layer, stacked_args
+
 __all__ = [
     "MODES",
     "REF_METHODS",
@@ -150,13 +152,10 @@ def check_score_inputs(q, codes, scales, grid, lengths, mode: str = "eval", laye
     Raises ValueError naming the argument, its value and what is allowed.
     """
     if layer is not None:
-        if codes.ndim != 5 or scales.ndim != 4 or codes.shape[0] != scales.shape[0]:
+        if codes.ndim != 5 or codes.shape[:1] != scales.shape[:1]:
             raise ValueError(f"codes.shape={tuple(codes.shape)}, scales.shape={tuple(scales.shape)}: expected "
                              "[L, B, Hkv, T, D/d] and [L, B, Hkv, T] with layer= given")
-        if jnp.ndim(layer) != 0:
-            raise ValueError(f"layer has shape {jnp.shape(layer)}: expected an int scalar")
-        codes = jax.ShapeDtypeStruct(codes.shape[1:], codes.dtype)
-        scales = jax.ShapeDtypeStruct(scales.shape[1:], scales.dtype)
+        codes, scales = per_layer(layer, codes=codes, scales=scales)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     if q.ndim != 3:
@@ -282,14 +281,6 @@ def _raw_dequant(q, codes, grid, num_kv_heads: int, mode: Mode):
     qh = jnp.einsum("bhpd,de->bhpe", qf, jnp.asarray(_hadamard(D)), precision=_HI) * jnp.float32(coef)
     y = jnp.take(grid.astype(jnp.float32), codes.astype(jnp.int32), axis=0, mode="clip").reshape(B, Hkv, T, D)
     return jnp.einsum("bhtd,bhpd->bhpt", y, qh, precision=_HI)
-
-
-def layer_args(codes, scales, layer):
-    """``(codes [L, ...], scales [L, ...], layer int32 [1])`` for the kernels: unstacked inputs get ``L = 1`` (a free
-    reshape) and layer 0; a given layer is clipped to ``[0, L)``."""
-    if layer is None:
-        return codes[None], scales[None], jnp.zeros((1,), jnp.int32)
-    return codes, scales, jnp.clip(jnp.asarray(layer, jnp.int32), 0, codes.shape[0] - 1).reshape(1)
 
 
 def score_landmarks_ref(q, codes, scales, grid, lengths, *, mode: Mode = "eval", method: str = "lut", layer=None):
@@ -460,7 +451,7 @@ def score_landmarks_kernel(q, codes, scales, grid, lengths, *, mode: Mode = "eva
         lowers for TPU from any host with ``jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))``.
     """
     B, H, D, Hkv, T, J, n, d = check_score_inputs(q, codes, scales, grid, lengths, mode, layer)
-    codes, scales, lay = layer_args(codes, scales, layer)
+    codes, scales, lay = stacked_args(layer, codes, scales)
     if method not in KERNEL_METHODS:
         raise ValueError(f"method={method!r}: expected one of {KERNEL_METHODS}")
     TB = _token_block(T, block_tokens)

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.score import Mode, check_score_inputs, layer_args, query_tables
+from pallas_kernels.score import Mode, check_score_inputs, query_tables
+from pallas_kernels.stacked import stacked_args
 
 __all__ = ["score_landmarks_gpu", "gpu_block"]
 
@@ -125,7 +126,7 @@ def score_landmarks_gpu(q, codes, scales, grid, lengths, *, mode: Mode = "eval",
     Returns ``[B, Hkv, T]``: bf16 in eval mode, float32 in serve mode; ``-inf`` where ``t >= lengths[b]``.
     """
     B, H, D, Hkv, T, J, n, d = check_score_inputs(q, codes, scales, grid, lengths, mode, layer)
-    codes, scales, lay = layer_args(codes, scales, layer)
+    codes, scales, lay = stacked_args(layer, codes, scales)
     Lc = codes.shape[0]
     TB = gpu_block(block_tokens, T, "block_tokens")
     nT = pl.cdiv(T, TB)
