@@ -10,6 +10,11 @@ Validity, any combination of:
 * ``mask`` ``[B, Hkv, S]`` or ``[B, 1, S]``: boolean (True = valid) or additive float (0 / -inf, or any bias
   added to the scaled logits). Policies with ragged per-head valid sets use this.
 
+Layer-stacked caches: with ``layer`` (an int32 scalar, traced) ``k, v`` are ``[L, B, Hkv, S, D]`` and layer
+``layer`` is attended. The kernels read that layer in place; passing ``k[layer]`` instead would make XLA copy the
+layer's whole K and V into a fresh buffer for the custom call first (a dynamic slice is not fused into a kernel
+operand), which for full attention at long contexts triples the bytes moved.
+
 Numerics (the FlashAttention convention): logits ``q . k`` run in K's dtype with float32 accumulation (q is cast
 to K's dtype), times ``scale`` (default ``1/sqrt(D)``), softmax in float32, the probabilities are cast to V's dtype
 for the ``p . v`` product with float32 accumulation. The reference normalises before that cast, the kernel after
@@ -34,7 +39,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["decode_attention_ref", "decode_attention_kernel", "check_attention_inputs"]
+from pallas_kernels.stacked import per_layer, stacked_args
+
+__all__ = ["decode_attention_ref", "decode_attention_kernel", "check_attention_inputs", "check_layered",
+           "check_segments", "concat_segments", "layer_view"]
 
 _LANES = 128
 _NEG = -1e30   # finite running-max start: exp(m_old - m_new) stays finite while every row so far is masked
@@ -68,6 +76,60 @@ def check_attention_inputs(q, k, v, lengths=None, mask=None) -> tuple[int, int, 
     return B, H, D, Hkv, S
 
 
+def check_segments(q, segments) -> None:
+    """Validate row segments ``[(k, v, mask), ...]`` for attention of ``q`` over their union (same batch, KV heads,
+    head dim and K/V dtypes in every segment; ``mask`` as in :func:`check_attention_inputs` or None)."""
+    if not segments:
+        raise ValueError("segments=[]: expected at least one (k, v, mask) segment")
+    for i, seg in enumerate(segments):
+        if len(seg) != 3:
+            raise ValueError(f"segments[{i}] has {len(seg)} items: expected (k, v, mask) with mask None allowed")
+        k, v, mask = seg
+        try:
+            check_attention_inputs(q, k, v, None, mask)
+        except ValueError as e:
+            raise ValueError(f"segments[{i}]: {e}") from None
+        k0, v0 = segments[0][0], segments[0][1]
+        if k.shape[1] != k0.shape[1] or k.dtype != k0.dtype or v.dtype != v0.dtype:
+            raise ValueError(f"segments[{i}]: k {k.dtype}{tuple(k.shape)}, v {v.dtype}: expected the KV heads and "
+                             f"dtypes of segments[0] (k {k0.dtype}{tuple(k0.shape)}, v {v0.dtype})")
+
+
+def concat_segments(segments):
+    """``(k, v, mask)`` of the segments concatenated along rows (``S = sum S_i``); the mask is bool when every
+    segment's is bool or None (None = all valid), else an additive float32 bias; ``[B, Hkv, S]`` when any segment
+    has per-head masks, else ``[B, 1, S]``."""
+    k = jnp.concatenate([s[0] for s in segments], axis=2)
+    v = jnp.concatenate([s[1] for s in segments], axis=2)
+    masks = [s[2] for s in segments]
+    if all(m is None for m in masks):
+        return k, v, None
+    B, Hkv = k.shape[:2]
+    heads = Hkv if any(m is not None and m.shape[1] == Hkv for m in masks) else 1
+    as_bool = all(m is None or m.dtype == jnp.bool_ for m in masks)
+    parts = []
+    for (kk, _, m) in segments:
+        if m is None:
+            m = jnp.ones((B, 1, kk.shape[2]), jnp.bool_)
+        parts.append(jnp.broadcast_to(m if as_bool else _bias(m), (B, heads, kk.shape[2])))
+    return k, v, jnp.concatenate(parts, axis=2)
+
+
+def layer_view(x, layer):
+    """``x[layer]`` of a layer-stacked array (the reference's way), ``x`` itself when ``layer`` is None."""
+    return x if layer is None else lax.dynamic_index_in_dim(x, jnp.asarray(layer, jnp.int32), 0, keepdims=False)
+
+
+def check_layered(q, k, v, lengths=None, mask=None, layer=None) -> tuple[int, int, int, int, int]:
+    """:func:`check_attention_inputs` for ``k, v`` ``[B, Hkv, S, D]``, or ``[L, B, Hkv, S, D]`` with ``layer``."""
+    if layer is not None:
+        if k.ndim != 5 or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}: expected equal [L, B, Hkv, S, D] "
+                             "shapes with layer= given")
+        k, v = per_layer(layer, k=k, v=v)
+    return check_attention_inputs(q, k, v, lengths, mask)
+
+
 def _lengths_2d(lengths, B: int, Hkv: int, S: int):
     """int32 ``[B, Hkv]`` clipped to ``[0, S]`` (``S`` everywhere when ``lengths`` is None)."""
     if lengths is None:
@@ -83,8 +145,10 @@ def _bias(mask):
     return mask.astype(jnp.float32)
 
 
-def decode_attention_ref(q, k, v, lengths=None, mask=None, *, scale: float | None = None):
-    """One-query GQA attention, pure jnp. See the module docstring for shapes, masks and numerics."""
+def decode_attention_ref(q, k, v, lengths=None, mask=None, *, scale: float | None = None, layer=None):
+    """One-query GQA attention, pure jnp. See the module docstring for shapes, masks, ``layer`` and numerics."""
+    check_layered(q, k, v, lengths, mask, layer)
+    k, v = layer_view(k, layer), layer_view(v, layer)
     B, H, D, Hkv, S = check_attention_inputs(q, k, v, lengths, mask)
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -104,7 +168,7 @@ def decode_attention_ref(q, k, v, lengths=None, mask=None, *, scale: float | Non
     return o.reshape(B, H, D).astype(q.dtype)
 
 
-def _attn_kernel(len_ref, q_ref, k_ref, v_ref, *rest, Hkv: int, TS: int, S: int, scale: float, has_bias: bool):
+def _attn_kernel(len_ref, lay_ref, q_ref, k_ref, v_ref, *rest, Hkv: int, TS: int, S: int, scale: float, has_bias: bool):
     if has_bias:
         bias_ref, o_ref, m_ref, l_ref, acc_ref = rest
     else:
@@ -151,15 +215,19 @@ def _attn_kernel(len_ref, q_ref, k_ref, v_ref, *rest, Hkv: int, TS: int, S: int,
         o_ref[...] = jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
 
 
-def decode_attention_kernel(q, k, v, lengths=None, mask=None, *, scale: float | None = None,
+def decode_attention_kernel(q, k, v, lengths=None, mask=None, *, scale: float | None = None, layer=None,
                             block_size: int = 512, interpret: bool = False):
     """One-query GQA attention with the Pallas TPU kernel; same contract as :func:`decode_attention_ref`.
 
     Args (beyond the reference's):
       block_size: K/V rows per grid step, a multiple of 128 (clipped to ``S`` rounded up to 128).
       interpret: run with Pallas' interpreter (CPU tests); ``False`` needs a TPU to run.
+
+    The layer (``layer``, else 0 of the reshaped ``[1, ...]`` arrays) is scalar-prefetched and picked by the K/V
+    index maps, so a layer-stacked cache is read in place.
     """
-    B, H, D, Hkv, S = check_attention_inputs(q, k, v, lengths, mask)
+    B, H, D, Hkv, S = check_layered(q, k, v, lengths, mask, layer)
+    k, v, lay = stacked_args(layer, k, v)
     if block_size < _LANES or block_size % _LANES:
         raise ValueError(f"block_size={block_size}: expected a positive multiple of 128 rows")
     G = H // Hkv
@@ -172,23 +240,23 @@ def decode_attention_kernel(q, k, v, lengths=None, mask=None, *, scale: float | 
         return jnp.minimum(s, jnp.maximum(pl.cdiv(lens_ref[b * Hkv + h], TS) - 1, 0))
 
     in_specs = [
-        pl.BlockSpec((None, None, G, D), lambda b, h, s, L: (b, h, 0, 0)),
-        pl.BlockSpec((None, None, TS, D), lambda b, h, s, L: (b, h, blk(b, h, s, L), 0)),
-        pl.BlockSpec((None, None, TS, D), lambda b, h, s, L: (b, h, blk(b, h, s, L), 0)),
+        pl.BlockSpec((None, None, G, D), lambda b, h, s, L, Y: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, None, TS, D), lambda b, h, s, L, Y: (Y[0], b, h, blk(b, h, s, L), 0)),
+        pl.BlockSpec((None, None, None, TS, D), lambda b, h, s, L, Y: (Y[0], b, h, blk(b, h, s, L), 0)),
     ]
-    args = [lens, q.reshape(B, Hkv, G, D), k, v]
+    args = [lens, lay, q.reshape(B, Hkv, G, D), k, v]
     if mask is not None:
         bias = _bias(mask)[:, :, None, :]                                     # [B, 1|Hkv, 1, S]
         per_head = bias.shape[1] == Hkv and Hkv > 1
         in_specs.append(pl.BlockSpec(
-            (None, None, 1, TS), lambda b, h, s, L: (b, h if per_head else 0, 0, blk(b, h, s, L))))
+            (None, None, 1, TS), lambda b, h, s, L, Y: (b, h if per_head else 0, 0, blk(b, h, s, L))))
         args.append(bias)
     kernel = functools.partial(_attn_kernel, Hkv=Hkv, TS=TS, S=S, scale=scale, has_bias=mask is not None)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, Hkv, nS), in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, G, D), lambda b, h, s, L: (b, h, 0, 0)),
+            num_scalar_prefetch=2, grid=(B, Hkv, nS), in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, G, D), lambda b, h, s, L, Y: (b, h, 0, 0)),
             scratch_shapes=[pltpu.VMEM((G, _LANES), jnp.float32), pltpu.VMEM((G, _LANES), jnp.float32),
                             pltpu.VMEM((G, D), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct((B, Hkv, G, D), q.dtype),

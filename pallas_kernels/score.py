@@ -29,6 +29,10 @@ Two scoring rules (algorithms.md §3.1 / §3.2):
 
 Invalid landmarks (``t >= lengths[b]``) get ``-inf`` in both modes, so any top-k ranks them last.
 
+Layer-stacked landmarks: with ``layer`` (an int32 scalar, traced) ``codes`` is ``[L, B, Hkv, T, J]`` and ``scales``
+``[L, B, Hkv, T]``, and that layer is scored; the kernels read it in place (``codes[layer]`` passed to a kernel
+would first be copied whole by XLA, tripling the bytes the scorer moves).
+
 Design: query-side LUT, not in-kernel dequantization
 ----------------------------------------------------
 Per token and KV head, dequantize-then-dot needs ``D`` grid lookups (``J`` sub-vectors of ``d`` values) and then
@@ -109,6 +113,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.stacked import per_layer, stacked_args
+
 __all__ = [
     "MODES",
     "REF_METHODS",
@@ -139,11 +145,17 @@ def _hadamard(n: int) -> np.ndarray:
     return h
 
 
-def check_score_inputs(q, codes, scales, grid, lengths, mode: str = "eval") -> tuple[int, ...]:
-    """Validate shapes/dtypes of the scoring inputs; returns ``(B, H, D, Hkv, T, J, n, d)``.
+def check_score_inputs(q, codes, scales, grid, lengths, mode: str = "eval", layer=None) -> tuple[int, ...]:
+    """Validate shapes/dtypes of the scoring inputs; returns ``(B, H, D, Hkv, T, J, n, d)``. With ``layer``,
+    ``codes``/``scales`` carry a leading layer axis.
 
     Raises ValueError naming the argument, its value and what is allowed.
     """
+    if layer is not None:
+        if codes.ndim != 5 or codes.shape[:1] != scales.shape[:1]:
+            raise ValueError(f"codes.shape={tuple(codes.shape)}, scales.shape={tuple(scales.shape)}: expected "
+                             "[L, B, Hkv, T, D/d] and [L, B, Hkv, T] with layer= given")
+        codes, scales = per_layer(layer, codes=codes, scales=scales)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     if q.ndim != 3:
@@ -271,7 +283,7 @@ def _raw_dequant(q, codes, grid, num_kv_heads: int, mode: Mode):
     return jnp.einsum("bhtd,bhpd->bhpt", y, qh, precision=_HI)
 
 
-def score_landmarks_ref(q, codes, scales, grid, lengths, *, mode: Mode = "eval", method: str = "lut"):
+def score_landmarks_ref(q, codes, scales, grid, lengths, *, mode: Mode = "eval", method: str = "lut", layer=None):
     """Landmark scores, pure jnp (the path that runs on CPU and GPU).
 
     Args:
@@ -282,10 +294,16 @@ def score_landmarks_ref(q, codes, scales, grid, lengths, *, mode: Mode = "eval",
       lengths: int ``[B]`` valid landmarks per row (values outside ``[0, T]`` are clipped).
       mode: ``"eval"`` (per-head softmax, bf16, max over the group) or ``"serve"`` (group-mean query dot).
       method: ``"lut"`` (complex64 query tables, default and fastest on XLA CPU), ``"lut_f32"`` or ``"dequant"``.
+      layer: int scalar; ``codes``/``scales`` are then layer-stacked (module docstring).
 
     Returns:
       ``[B, Hkv, T]``: bf16 in eval mode, float32 in serve mode; ``-inf`` where ``t >= lengths[b]``.
     """
+    check_score_inputs(q, codes, scales, grid, lengths, mode, layer)
+    if layer is not None:
+        layer = jnp.asarray(layer, jnp.int32)
+        codes = lax.dynamic_index_in_dim(codes, layer, 0, keepdims=False)
+        scales = lax.dynamic_index_in_dim(scales, layer, 0, keepdims=False)
     _, H, D, Hkv, T, J, n, d = check_score_inputs(q, codes, scales, grid, lengths, mode)
     if method not in REF_METHODS:
         raise ValueError(f"method={method!r}: expected one of {REF_METHODS}")
@@ -332,7 +350,7 @@ def _lookup_onehot(codes_ref, lut_ref, h, k: int, P: int):
     return [acc[p:p + 1] for p in range(P)]
 
 
-def _score_kernel(len_ref, codes_ref, scales_ref, lut_ref, out_ref, *scratch, Hkv: int, P: int, TB: int,
+def _score_kernel(len_ref, lay_ref, codes_ref, scales_ref, lut_ref, out_ref, *scratch, Hkv: int, P: int, TB: int,
                   mode: str, method: str):
     """One grid step: all KV heads, ``TB`` tokens. Grid ``(B, phases, nT)``; see the module docstring."""
     b = pl.program_id(0)
@@ -421,17 +439,19 @@ def _token_block(T: int, block_tokens: int) -> int:
 
 
 def score_landmarks_kernel(q, codes, scales, grid, lengths, *, mode: Mode = "eval", block_tokens: int = 512,
-                           method: str = "gather", interpret: bool = False):
+                           method: str = "gather", layer=None, interpret: bool = False):
     """Landmark scores with the Pallas TPU kernel; same contract as :func:`score_landmarks_ref`.
 
     Args (beyond the reference's):
       block_tokens: tokens per grid step (a multiple of 128; clipped to ``T`` rounded up to 128).
       method: ``"gather"`` (in-register lane gathers, the TPU design) or ``"onehot"`` (compare + NT matmul
         fallback).
+      layer: layer-stacked ``codes``/``scales``; the layer is scalar-prefetched and picked by the index maps.
       interpret: run the kernel body with Pallas' interpreter (CPU tests). ``False`` needs a TPU to run; it
         lowers for TPU from any host with ``jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))``.
     """
-    B, H, D, Hkv, T, J, n, d = check_score_inputs(q, codes, scales, grid, lengths, mode)
+    B, H, D, Hkv, T, J, n, d = check_score_inputs(q, codes, scales, grid, lengths, mode, layer)
+    codes, scales, lay = stacked_args(layer, codes, scales)
     if method not in KERNEL_METHODS:
         raise ValueError(f"method={method!r}: expected one of {KERNEL_METHODS}")
     TB = _token_block(T, block_tokens)
@@ -449,17 +469,17 @@ def score_landmarks_kernel(q, codes, scales, grid, lengths, *, mode: Mode = "eva
         return jnp.minimum(t, jnp.maximum(pl.cdiv(lens[b], TB) - 1, 0))
 
     in_specs = [
-        pl.BlockSpec((None, Hkv, TB, J), lambda b, ph, t, lens: (b, 0, blk(t, lens, b), 0)),
-        pl.BlockSpec((None, Hkv, TB), lambda b, ph, t, lens: (b, 0, blk(t, lens, b))),
-        pl.BlockSpec(lut_block, lambda b, ph, t, lens: (b,) + (0,) * (len(lut_block) - 1)),
+        pl.BlockSpec((None, None, Hkv, TB, J), lambda b, ph, t, lens, y: (y[0], b, 0, blk(t, lens, b), 0)),
+        pl.BlockSpec((None, None, Hkv, TB), lambda b, ph, t, lens, y: (y[0], b, 0, blk(t, lens, b))),
+        pl.BlockSpec(lut_block, lambda b, ph, t, lens, y: (b,) + (0,) * (len(lut_block) - 1)),
     ]
     if mode == "eval":
         # Phase 0 parks the output window on block 0 without writing it; phase 1 writes every block.
-        out_spec = pl.BlockSpec((None, Hkv, TB), lambda b, ph, t, lens: (b, 0, t * ph))
+        out_spec = pl.BlockSpec((None, Hkv, TB), lambda b, ph, t, lens, y: (b, 0, t * ph))
         out_dtype = jnp.bfloat16
         scratch = [pltpu.VMEM((Hkv * P, _LANES), jnp.float32) for _ in range(4)]
     else:
-        out_spec = pl.BlockSpec((None, Hkv, TB), lambda b, ph, t, lens: (b, 0, t))
+        out_spec = pl.BlockSpec((None, Hkv, TB), lambda b, ph, t, lens, y: (b, 0, t))
         out_dtype = jnp.float32
         scratch = []
     # Double-buffered VMEM: codes (minor dim padded to 128 lanes), scales + output, the tables; plus scratch.
@@ -470,10 +490,10 @@ def score_landmarks_kernel(q, codes, scales, grid, lengths, *, mode: Mode = "eva
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, nphase, nT), in_specs=in_specs, out_specs=out_spec,
+            num_scalar_prefetch=2, grid=(B, nphase, nT), in_specs=in_specs, out_specs=out_spec,
             scratch_shapes=scratch),
         out_shape=jax.ShapeDtypeStruct((B, Hkv, T), out_dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=vmem_limit),
         interpret=interpret,
-    )(lengths, codes, scales.astype(jnp.float32), lut)
+    )(lengths, lay, codes, scales.astype(jnp.float32), lut)

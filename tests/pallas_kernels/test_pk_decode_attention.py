@@ -1,4 +1,5 @@
-"""Decode attention: reference vs a float64 numpy oracle, Pallas kernel (interpret mode) vs reference, TPU lowering."""
+"""Decode attention: reference vs a float64 numpy oracle, TPU kernel (interpret mode) vs reference, TPU and GPU
+kernels lowered for their platforms and on layer-stacked caches."""
 import functools
 
 import jax
@@ -7,51 +8,15 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention_kernel, decode_attention_ref
+from pallas_kernels.decode_attention_gpu import decode_attention_gpu
+from pk_cases import ATTN_KERNEL_CASES, MASKINGS, attention_inputs as _inputs, attention_tol as _tol, kernel_interpret
+from pk_cases import masking as _masking
 from pk_oracle import attention_oracle
-
-
-def _inputs(rng, B, Hkv, G, D, S, dtype, qdtype=None):
-    q = jnp.asarray(rng.standard_normal((B, Hkv * G, D)), qdtype or dtype)
-    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
-    v = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
-    return q, k, v
-
-
-def _tol(dtype):
-    # bf16 V: p is rounded to bf16 before p.v (2**-9 relative per term), the output to bf16 (q's dtype).
-    return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=2e-5, atol=2e-5)
 
 
 @functools.lru_cache(maxsize=None)
 def _jit_ref(**kw):
     return jax.jit(functools.partial(decode_attention_ref, **kw))
-
-
-MASKINGS = ["none", "lengths_b", "lengths_bh", "bool_mask", "additive_mask", "lengths_and_shared_mask"]
-
-
-def _masking(rng, kind, B, Hkv, S):
-    if kind == "none":
-        return {}
-    if kind == "lengths_b":
-        return dict(lengths=jnp.asarray(rng.integers(1, S + 1, (B,)), jnp.int32))
-    if kind == "lengths_bh":
-        L = rng.integers(0, S + 1, (B, Hkv))
-        L[0, 0] = 0                                                    # a head with nothing valid -> zeros
-        return dict(lengths=jnp.asarray(L, jnp.int32))
-    if kind == "bool_mask":
-        m = rng.random((B, Hkv, S)) < 0.6
-        m[:, :, 0] = True
-        return dict(mask=jnp.asarray(m))
-    if kind == "additive_mask":
-        bias = rng.standard_normal((B, Hkv, S)).astype(np.float32)
-        bias[rng.random((B, Hkv, S)) < 0.3] = -np.inf
-        bias[:, :, 0] = 0.0
-        return dict(mask=jnp.asarray(bias))
-    if kind == "lengths_and_shared_mask":
-        m = rng.random((B, 1, S)) < 0.7
-        return dict(lengths=jnp.asarray(rng.integers(1, S + 1, (B,)), jnp.int32), mask=jnp.asarray(m))
-    raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", MASKINGS)
@@ -93,24 +58,14 @@ def test_input_validation():
         decode_attention_kernel(q, k, v, block_size=64, interpret=True)
 
 
-KERNEL_CASES = [
-    # B, Hkv, G, D, S, dtype, q dtype, masking, block
-    (2, 3, 3, 64, 300, jnp.bfloat16, None, "lengths_b", 128),          # smollm2-like, S not a block multiple
-    (2, 2, 4, 128, 256, jnp.float32, None, "lengths_bh", 128),         # block multiple, empty head
-    (2, 2, 1, 64, 700, jnp.float32, None, "bool_mask", 256),           # MHA, ragged per-head mask
-    (1, 1, 8, 128, 130, jnp.float32, None, "lengths_and_shared_mask", 512),  # G=8, block > S
-    (1, 2, 4, 64, 200, jnp.bfloat16, jnp.float32, "additive_mask", 128),    # f32 queries, bf16 K/V
-    (2, 2, 3, 64, 640, jnp.float32, None, "lengths_b", 128),           # blocks past the length are skipped
-]
-
-
-@pytest.mark.parametrize("case", KERNEL_CASES)
+@pytest.mark.compiled
+@pytest.mark.parametrize("case", ATTN_KERNEL_CASES)
 def test_kernel_interpret_matches_reference(case):
     B, Hkv, G, D, S, dtype, qdtype, kind, block = case
     rng = np.random.default_rng(hash(case[:5] + (kind, block)) % 2**32)
     q, k, v = _inputs(rng, B, Hkv, G, D, S, dtype, qdtype)
     kw = _masking(rng, kind, B, Hkv, S)
-    got = decode_attention_kernel(q, k, v, block_size=block, interpret=True, **kw)
+    got = decode_attention_kernel(q, k, v, block_size=block, interpret=kernel_interpret("tpu"), **kw)
     want = _jit_ref()(q, k, v, **kw)
     assert got.shape == want.shape and got.dtype == want.dtype == q.dtype
     np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), **_tol(dtype))
@@ -118,15 +73,37 @@ def test_kernel_interpret_matches_reference(case):
     np.testing.assert_allclose(np.asarray(got, np.float64), attention_oracle(q, k, v, **kw), **_tol(dtype))
 
 
+# each kernel with the platform it lowers for and the custom call it lowers to
+KERNELS = {"tpu": (decode_attention_kernel, "tpu", "tpu_custom_call"),
+           "gpu": (decode_attention_gpu, "cuda", "__gpu$xla.gpu.triton")}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("shape", [(1, 8, 4, 128, 8192), (2, 3, 3, 64, 5000)])   # paper, smollm2
-def test_kernel_lowers_for_tpu(shape, with_mask):
+@pytest.mark.parametrize("shape", [(1, 8, 4, 128, 131072), (2, 3, 3, 64, 5000)])   # paper at 128k, smollm2
+def test_kernel_lowers(shape, with_mask, kernel):
+    fn, platform, call = KERNELS[kernel]
     B, Hkv, G, D, S = shape
     T = jax.ShapeDtypeStruct
     args = [T((B, Hkv * G, D), jnp.bfloat16), T((B, Hkv, S, D), jnp.bfloat16), T((B, Hkv, S, D), jnp.bfloat16),
             T((B,), jnp.int32)]
     if with_mask:
         args.append(T((B, Hkv, S), jnp.bool_))
-    text = jax.jit(functools.partial(decode_attention_kernel, interpret=False)).trace(*args).lower(
-        lowering_platforms=("tpu",)).as_text()
-    assert "tpu_custom_call" in text
+    text = jax.jit(functools.partial(fn, interpret=False)).trace(*args).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert text.count(call) == 1
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_kernel_layer_stacked_cache_matches_oracle(kernel):
+    fn, target = KERNELS[kernel][0], kernel
+    rng = np.random.default_rng(9)
+    L, B, Hkv, G, D, S = 3, 2, 2, 4, 64, 200
+    q, k0, v0 = _inputs(rng, B, Hkv, G, D, S, jnp.bfloat16)
+    k = jnp.stack([k0 * (i + 1) for i in range(L)])
+    v = jnp.stack([v0 - i for i in range(L)])
+    lengths = jnp.asarray([200, 77], jnp.int32)
+    got = fn(q, k, v, lengths, layer=jnp.int32(2), interpret=kernel_interpret(target))
+    want = attention_oracle(q, k[2], v[2], lengths=lengths)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, **_tol(jnp.bfloat16))

@@ -11,30 +11,13 @@ from pallas_kernels.score import (
     score_landmarks_kernel,
     score_landmarks_ref,
 )
+from pk_cases import SCORE_KERNEL_CASES, assert_scores as _assert_scores, kernel_interpret
 from pk_oracle import dequantize, hadamard_popcount, make_score_inputs, score_oracle
 
 
 @functools.lru_cache(maxsize=None)
 def _jit_ref(**kw):
     return jax.jit(functools.partial(score_landmarks_ref, **kw))
-
-
-def _assert_scores(got, want, mode):
-    """Same -inf pattern; serve: float32 rounding; eval: bf16 probabilities within one bf16 ulp, mostly equal."""
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
-    fin = np.isfinite(want)
-    assert np.isfinite(got[fin]).all()
-    if not fin.any():
-        return
-    g, w = got[fin], want[fin]
-    if mode == "serve":
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
-    else:
-        np.testing.assert_allclose(g, w, rtol=2 ** -7, atol=0)
-        assert np.mean(g == w) > 0.9
 
 
 # ------------------------------------------------------------------------------------ reference vs numpy oracle
@@ -150,25 +133,15 @@ def test_input_validation():
 
 # ------------------------------------------------------------------------- Pallas kernel (interpret) vs reference
 
-KERNEL_CASES = [
-    # B, Hkv, G, D, d, T, q dtype, lengths, block_tokens, method
-    (2, 3, 3, 64, 4, 300, jnp.bfloat16, [300, 17], 128, "gather"),       # smollm2-like, T not a block multiple
-    (2, 2, 4, 128, 2, 256, jnp.float32, [256, 130], 128, "gather"),      # block multiple, 4-bit codes
-    (2, 2, 1, 64, 4, 384, jnp.float32, [0, 384], 256, "gather"),         # MHA, empty row, partial last block
-    (1, 1, 8, 128, 4, 200, jnp.bfloat16, [150], 512, "gather"),          # G=8, block > T
-    (2, 1, 3, 64, 4, 640, jnp.float32, [130, 640], 128, "gather"),       # blocks past the length are skipped
-    (2, 3, 3, 64, 4, 300, jnp.bfloat16, [300, 17], 128, "onehot"),
-    (1, 2, 4, 64, 2, 200, jnp.float32, [199], 128, "onehot"),
-]
-
-
+@pytest.mark.compiled
 @pytest.mark.parametrize("mode", ["eval", "serve"])
-@pytest.mark.parametrize("case", KERNEL_CASES)
+@pytest.mark.parametrize("case", SCORE_KERNEL_CASES)
 def test_kernel_interpret_matches_reference(case, mode):
     B, Hkv, G, D, d, T, qdt, lengths, block, method = case
     rng = np.random.default_rng(hash((case[:6], block, method, mode)) % 2**32)
     args = make_score_inputs(rng, B, Hkv, G, D, d, T, qdtype=qdt, lengths=lengths)
-    got = score_landmarks_kernel(*args, mode=mode, block_tokens=block, method=method, interpret=True)
+    got = score_landmarks_kernel(*args, mode=mode, block_tokens=block, method=method,
+                                 interpret=kernel_interpret("tpu"))
     want = _jit_ref(mode=mode)(*args)
     assert got.dtype == want.dtype and got.shape == want.shape
     _assert_scores(got, np.asarray(jnp.asarray(want, jnp.float32)), mode)

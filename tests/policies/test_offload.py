@@ -92,10 +92,41 @@ def test_tpu_lowering_has_host_annotations():
     assert _count(c, "annotate_device_placement") >= 1 and _count(c, "_xla_compute_type") == 0
 
 
+def _ops(txt):
+    """What a lowered fetch does: memory moves, host-compute ops, gathers, slices, kernels, loops."""
+    return tuple(txt.count(w) for w in ("annotate_device_placement", '_xla_compute_type = "host"', "stablehlo.gather",
+                                        "stablehlo.dynamic_slice", "custom_call @tpu_custom_call", "stablehlo.while"))
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_dma_and_auto_lower_per_platform(chunk):
+    """TPU: "dma" and "auto" are the DMA kernel (the store argument stays pinned_host, no host compute). CUDA and
+    CPU have no DMA kernel: "dma"/"auto" lower exactly like "host_gather" (host compute + a move to device on CUDA).
+    A device store under "auto" is the device gather on every platform."""
+    host_s, dev_s, _ = _shardings(None)
+    idx = jnp.zeros((B, H, K), jnp.int32)
+
+    def low(be, platform, sharding=host_s):
+        store = jax.device_put(np.zeros((L, B, H, T, D), np.float32), sharding)
+        return jax.jit(lambda s, l, i: offload.fetch_rows(s, l, i, be, chunk)).trace(
+            store, jnp.int32(0), idx).lower(lowering_platforms=(platform,)).as_text()
+
+    for be in ("dma", "auto"):
+        t = low(be, "tpu")
+        assert t.count('kernel_name = "kvjax_fetch_rows_dma"') == 1 and "_xla_compute_type" not in t
+        assert 'mhlo.memory_kind = "pinned_host"' in next(x for x in t.splitlines() if "@main" in x)
+        for platform in ("cuda", "cpu"):
+            assert _ops(low(be, platform)) == _ops(low("host_gather", platform))
+    assert "_xla_compute_type" in low("auto", "cuda") and "annotate_device_placement" in low("auto", "cuda")
+    assert "tpu_custom_call" in low("dma", "tpu", dev_s)                 # device store: HBM -> HBM DMAs
+    for platform in ("tpu", "cuda"):
+        assert _ops(low("auto", platform, dev_s)) == _ops(low("device", platform, dev_s))
+
+
 def test_fetch_rows_bad_args():
     store = jnp.zeros((L, B, H, T, D))
     with pytest.raises(ValueError, match="backend"):
-        offload.fetch_rows(store, 0, jnp.zeros((B, H, 1), jnp.int32), backend="dma")
+        offload.fetch_rows(store, 0, jnp.zeros((B, H, 1), jnp.int32), backend="nvme")
     with pytest.raises(ValueError, match="idx shape"):
         offload.fetch_rows(store, 0, jnp.zeros((B, H + 1, 1), jnp.int32), backend="device")
     with pytest.raises(ValueError, match="chunk"):
