@@ -32,17 +32,15 @@ method of a prompt is built from one exact prefill (:meth:`kvjax.Engine.start` w
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvjax.decode import attention_recall
 from kvjax.engine import Engine, Session
-from kvjax.policies import Policy, make_policy
+from kvjax.policies import make_policy
 
 
 # ----------------------------------------------------------------------------------------------------- metrics

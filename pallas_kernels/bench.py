@@ -44,7 +44,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import dispatch
 from pallas_kernels.score_gpu import score_landmarks_gpu

@@ -48,7 +48,6 @@ import contextlib
 import functools
 import os
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -104,8 +104,9 @@ class PageConfig(PolicyConfig):
       as each policy describes).
     - ``n_sink_pages`` / ``n_win_pages``: first / last prompt pages always attended (resident on the device).
     - ``dense_layers``: the first layers attend every token (fetched whole from host memory).
-    - ``fetch_backend``: :data:`kvjax.offload.BACKENDS`; ``"chunk_slices"`` (one DMA per page) by default,
-      ``"device"`` keeps the store on the device (the eval path's offloading simulation).
+    - ``fetch_backend``: :data:`kvjax.offload.BACKENDS`; ``"auto"`` (default: the Pallas DMA kernel on TPU, ``host_gather`` elsewhere; :mod:`kvjax.offload`) — one DMA per page on TPU;
+      ``"chunk_slices"`` is a dynamic-slice per page; ``"device"`` keeps the store on the device (the eval path's
+      offloading simulation).
     - ``min_seqlen_to_prune``: prompts of at most this many tokens are decoded exactly (full attention).
     """
 
@@ -114,7 +115,7 @@ class PageConfig(PolicyConfig):
     n_sink_pages: int = 2
     n_win_pages: int = 5
     dense_layers: int = 0
-    fetch_backend: str = "chunk_slices"
+    fetch_backend: str = "auto"
     min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
 
     def __post_init__(self):
@@ -308,7 +309,7 @@ class PagePolicy(Policy):
 class ArkValeConfig(PageConfig):
     """ArkVale as the paper ran it (the authors' fork ``run_config.py``, algorithms.md §9): pages of 16 tokens,
     ``budget = 0.015625/2`` of the prompt (selected pages ``max(1, ceil(int(budget·T)/16))``), 2 sink pages, 5
-    window pages, every layer sparse, pages fetched with one DMA each (``chunk_slices``) — the defaults of
+    window pages, every layer sparse, pages fetched with one DMA each on TPU (``fetch_backend="auto"``) — the defaults of
     :class:`PageConfig`."""
 
 

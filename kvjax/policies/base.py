@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import cache as cache_mod
-from .common import budget_tokens, check_budget, check_common, top_k  # noqa: F401  (re-exported)
+from .common import budget_tokens, check_budget
 
 
 def resolve_budget(budget: float | int, prompt_len: int, multiple: int = 1, name: str = "budget") -> int:

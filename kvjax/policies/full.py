@@ -32,7 +32,7 @@ class FullPolicy(Policy):
         vc = write_token(st.v, layer, v, pos)
         S = kc.shape[3]
         valid = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, :]
-        return attend_rows(q, kc[layer], vc[layer], valid), KVCache(kc, vc)
+        return attend_rows(q, kc, vc, valid, layer=layer), KVCache(kc, vc)  # read in place: no copy of the layer
 
     def attended_mask(self, mcfg, st, layer, q, pos):
         S = st.k.shape[3]

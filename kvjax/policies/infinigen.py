@@ -82,7 +82,7 @@ class InfiniGenConfig(PolicyConfig):
     - ``dense_layers``: first layers with full attention (2; at least 1, layer 0 has no previous layer).
     - ``calibration_ids`` / ``calibration_len`` / ``calibration_seed``: the calibration prompt for the skewing
       matrices (token ids; or that many uniform random ids with that seed). InfiniGen used 2048 tokens of PG-19.
-    - ``fetch_backend``: :data:`kvjax.offload.BACKENDS` (token rows: ``host_gather`` by default).
+    - ``fetch_backend``: :data:`kvjax.offload.BACKENDS` (token rows; ``"auto"`` (default: the Pallas DMA kernel on TPU, ``host_gather`` elsewhere; :mod:`kvjax.offload`)).
     - ``min_seqlen_to_prune``: prompts of at most this many tokens are decoded exactly (full attention).
     """
 
@@ -92,7 +92,7 @@ class InfiniGenConfig(PolicyConfig):
     calibration_ids: tuple[int, ...] | None = None
     calibration_len: int = 1024
     calibration_seed: int = 0
-    fetch_backend: str = "host_gather"
+    fetch_backend: str = "auto"
     min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
 
     def __post_init__(self):

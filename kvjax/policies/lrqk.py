@@ -76,7 +76,7 @@ class LRQKConfig(PolicyConfig):
     - ``decode_iters`` / ``lam_decode``: alternating solves for ``q̂, k̂`` per step (2) and their λ (1).
     - ``init``: ``"topcol"`` (the paper's), the only initialisation implemented.
     - ``dense_layers``: first layers with full attention (0: every layer sparse).
-    - ``fetch_backend``: :data:`kvjax.offload.BACKENDS` (token rows: ``host_gather``).
+    - ``fetch_backend``: :data:`kvjax.offload.BACKENDS` (token rows; ``"auto"`` (default: the Pallas DMA kernel on TPU, ``host_gather`` elsewhere; :mod:`kvjax.offload`)).
     - ``min_seqlen_to_prune``: prompts of at most this many tokens are decoded exactly (full attention).
     """
 
@@ -90,7 +90,7 @@ class LRQKConfig(PolicyConfig):
     lam_decode: float = 1.0
     init: str = "topcol"
     dense_layers: int = 0
-    fetch_backend: str = "host_gather"
+    fetch_backend: str = "auto"
     min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
 
     def __post_init__(self):

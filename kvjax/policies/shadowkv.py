@@ -76,8 +76,8 @@ class ShadowKVConfig(PolicyConfig):
     (:func:`kvjax.policies.common.budget_tokens`). Integer local/outlier budgets must be multiples of ``c``; an
     integer sparse budget is rounded down to a multiple of ``c``.
     - ``fetch_backend``: how selected values come from host memory (:data:`kvjax.offload.BACKENDS`):
-      ``"host_gather"`` (default), ``"chunk_slices"`` (one DMA per chunk), or ``"device"`` (values stay on the
-      device: the eval path's offloading *simulation*).
+      ``"auto"`` (default: the Pallas DMA kernel on TPU, ``host_gather`` elsewhere; :mod:`kvjax.offload`), ``"dma"``, ``"host_gather"``, ``"chunk_slices"`` (one DMA
+      per chunk), or ``"device"`` (values stay on the device: the eval path's offloading *simulation*).
     - ``min_seqlen_to_prune``: prompts of at most this many tokens are decoded exactly (full attention), as are
       prompts whose budgets leave nothing to prune.
     """
@@ -87,7 +87,7 @@ class ShadowKVConfig(PolicyConfig):
     local_budget: int | float = 32
     outlier_budget: int | float = 384
     sparse_budget: int | float = 2048
-    fetch_backend: str = "host_gather"
+    fetch_backend: str = "auto"
     min_seqlen_to_prune: int = DEFAULT_MIN_SEQLEN_TO_PRUNE
 
     def __post_init__(self):
@@ -228,13 +228,13 @@ class ShadowKVPolicy(Policy):
     # -- prefill
     def build(self, mcfg, k, v, lengths, max_new, extra=None, q=None):
         """One layer's state from its post-RoPE prefill keys/values ``[B, Hkv, Tb, D]`` (§2.2)."""
-        cfg, c = self.config, self.config.chunk_size
+        c = self.config.chunk_size
         B, Hkv, Tb, D = k.shape
         sz = self.static_sizes(mcfg, Tb, max_new)
-        r, NC, Lw, O, K = sz["r"], sz["NC"], sz["Lw"], sz["O"], sz["K"]
+        r, NC, Lw, O = sz["r"], sz["NC"], sz["Lw"], sz["O"]
         dt = k.dtype
         lengths = lengths.astype(jnp.int32)
-        table = {k: jnp.asarray(v.astype(np.int32)) for k, v in self.partition(np.arange(Tb + 1)).items()}
+        table = {name: jnp.asarray(t.astype(np.int32)) for name, t in self.partition(np.arange(Tb + 1)).items()}
         n_chunks = table["n_chunks"][lengths]
         local_start = n_chunks * c
         local_len = lengths - local_start

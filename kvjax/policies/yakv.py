@@ -88,7 +88,7 @@ from flax import struct
 from models.transformer import rope
 
 from .. import offload
-from ..attention import attend_rows
+from ..attention import attend_segments
 from ..cache import KV_AXES, SEQ_AXES, leaf
 from ..quant import fp8_decode_bits, fp8_encode_bits, higgs_decode, higgs_encode, higgs_qdq, load_grid
 from ..quant.grids import available_grids, check_source
@@ -137,8 +137,9 @@ class YakvConfig(PolicyConfig):
       store_scale_dtype: scale dtype of the store's HIGGS codes.
       keys_pre_rope: store keys before RoPE and re-apply RoPE at each fetched token's own position (eval) or store
         post-RoPE keys (serving).
-      fetch_backend: :func:`kvjax.offload.fetch_rows` backend: ``"host_gather"``, ``"chunk_slices"`` (for
-        ``chunk_size > 1``) or ``"device"`` (the store stays on the device: the eval path's offload simulation).
+      fetch_backend: :func:`kvjax.offload.fetch_rows` backend: ``"auto"`` (default: the Pallas DMA kernel on TPU, ``host_gather`` elsewhere; :mod:`kvjax.offload`), ``"dma"``,
+        ``"host_gather"``, ``"chunk_slices"`` (for ``chunk_size > 1``) or ``"device"`` (the store stays on the device:
+        the eval path's offload simulation).
       score_backend: ``"auto"``: HIGGS landmarks grouped per head (the eval default) are scored by
         ``pallas_kernels.dispatch.score_landmarks`` (the Pallas kernel on TPU, its jnp reference elsewhere), other
         layouts by :func:`score_landmarks`; ``"jnp"``: always :func:`score_landmarks` on dequantized landmarks.
@@ -167,7 +168,7 @@ class YakvConfig(PolicyConfig):
     store_hadamard_group: int | str | None = None
     store_scale_dtype: str = "float32"
     keys_pre_rope: bool = True
-    fetch_backend: str = "host_gather"
+    fetch_backend: str = "auto"
     score_backend: str = "auto"
     grids: str = "paper"
 
@@ -594,8 +595,11 @@ class YakvPolicy(Policy):
         if kernel is not None:
             grid = jnp.asarray(load_grid(cfg.landmark_d, cfg.landmark_n, cfg.grids))
             mode = "eval" if cfg.scoring == "softmax_max" else "serve"
-            scores = kernel(q, st.lm_codes[layer], st.lm_scales[layer][..., 0].astype(jnp.float32), grid, n_lm,
-                            mode=mode).astype(jnp.dtype(cfg.score_dtype))
+            # the layer-stacked codes and scales, read in place by the kernel (``x[layer]`` would be copied first);
+            # dropping the scales' trailing singleton axis is a bitcast
+            scales = st.lm_scales.reshape(st.lm_scales.shape[:-1]).astype(jnp.float32)
+            scores = kernel(q, st.lm_codes, scales, grid, n_lm, mode=mode, layer=layer).astype(
+                jnp.dtype(cfg.score_dtype))
         else:  # dequantize and score block by block: the temporaries stay one block of landmarks big
             NL = _plan_table(cfg, Tb)["NL"]
             size = min(BUILD_BLOCK_TOKENS, NL)
@@ -652,25 +656,15 @@ class YakvPolicy(Policy):
         length = st.length[layer]
         gen = st.gen.append(layer, k, v, pos, length)
         st = st.replace(gen=gen)
-        Ng = gen.size
-        B, Hkv = k.shape[:2]
-        W = st.win_k.shape[3]
-        ks = [st.win_k[layer]]
-        vs = [st.win_v[layer]]
-        valid = [jnp.broadcast_to((st.win_pos[layer] >= 0)[:, None, :], (B, Hkv, W))]
+        # attention over window ∪ selected ∪ generated, as segments (read in place by the GPU kernel)
+        segments = [(st.win_k[layer], st.win_v[layer], (st.win_pos[layer] >= 0)[:, None, :])]
         Kc = _plan_table(self.config, st.k_store.shape[3])["Kc"]
         if Kc > 0:
             start, sel_valid = self._select(mcfg, st, layer, q)
             kr, vr = self._fetch(mcfg, st, layer, start)
-            ks.append(kr)
-            vs.append(vr)
-            valid.append(jnp.broadcast_to(jnp.repeat(sel_valid, c, axis=2), (B, Hkv, Kc * c)))
-        ks.append(gen.k[layer])
-        vs.append(gen.v[layer])
-        valid.append(jnp.broadcast_to(gen.valid(pos, length)[:, None, :], (B, Hkv, Ng)))
-        out = attend_rows(q, jnp.concatenate(ks, axis=2), jnp.concatenate(vs, axis=2),
-                          jnp.concatenate(valid, axis=2))
-        return out, st
+            segments.append((kr, vr, jnp.repeat(sel_valid, c, axis=2) if c > 1 else sel_valid))
+        segments.append((gen.k[layer], gen.v[layer], gen.valid(pos, length)[:, None, :]))
+        return attend_segments(q, segments), st
 
     def selected_tokens(self, mcfg, st: YakvState, layer, q):
         """Token indices selected from the store at this step, int32 ``[B, Hkv, Kc*c]``, -1 where not selected."""

@@ -156,7 +156,8 @@ def test_tpu_lowering_moves_pages_with_dmas_not_host_compute(tiny, name):
     _, kv = e.dense_prefill(toks, lengths)
     txt = lower_step_for_tpu(e, e.build(kv, lengths, 64))
     assert "annotate_device_placement" in txt  # host -> device moves survive lowering
-    assert '_xla_compute_type = "host"' not in txt  # chunk_slices: slices + DMAs only, no host gather
+    assert '_xla_compute_type = "host"' not in txt  # the DMA kernel ("auto" on TPU): no host gather
+    assert 'kernel_name = "kvjax_fetch_rows_dma"' in txt
 
 
 def test_defaults_are_the_papers():

@@ -26,20 +26,18 @@ def tiny_lm():
 @pytest.fixture(scope="module")
 def built(tiny_lm):
     """An engine and the built state of the two prompts (the state layout does not depend on the fetch backend)."""
-    eng = kvjax.Engine(tiny_lm, kvjax.make_policy("yakv", fetch_backend="dma"))
+    eng = kvjax.Engine(tiny_lm, kvjax.make_policy("yakv", fetch_backend="dma", min_seqlen_to_prune=0))
     toks, lengths, _ = eng.prepare(PROMPTS, 8)
-    _, kv = eng.prefill(toks, lengths)
+    _, kv = eng.dense_prefill(toks, lengths)
     return eng, eng.build(kv, lengths, 8), lengths
 
 
 def _lowered(built, backend):
-    """The whole jitted decode step lowered for TPU (policy_steps.lower_step_for_tpu reads ``state.lengths``, which
-    YakvState names ``length``, so the engine's public step is traced directly)."""
+    """The engine's jitted decode step program lowered for TPU."""
     eng, st, lengths = built
-    eng = eng.with_policy(kvjax.make_policy("yakv", fetch_backend=backend))
-    args = (eng.params, st, jnp.zeros(len(lengths), jnp.int32), jnp.asarray(lengths), jax.random.key(0),
-            jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    return eng.step_fn(st).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    eng = eng.with_policy(kvjax.make_policy("yakv", fetch_backend=backend, min_seqlen_to_prune=0))
+    args = (eng.params, st, jnp.zeros(len(lengths), jnp.int32), jnp.asarray(lengths), kvjax.Sampler.of(), None)
+    return eng.step_program(st).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
 
 
 def test_tpu_step_has_the_dma_kernel_and_host_stores(built):
@@ -59,6 +57,6 @@ def test_tpu_step_has_the_dma_kernel_and_host_stores(built):
 @pytest.mark.slow
 def test_cpu_tokens_equal_host_gather(tiny_lm):
     gen = kvjax.GenerationConfig(max_new_tokens=4, stop_ids=())
-    out = {b: [g.ids for g in kvjax.Engine(tiny_lm, kvjax.make_policy("yakv", fetch_backend=b)).generate(PROMPTS, gen)]
+    out = {b: [g.ids for g in kvjax.Engine(tiny_lm, kvjax.make_policy("yakv", fetch_backend=b, min_seqlen_to_prune=0)).generate(PROMPTS, gen)]
            for b in ("host_gather", "dma", "auto")}
     assert out["dma"] == out["host_gather"] == out["auto"]

@@ -1,6 +1,8 @@
-"""The offloaded decode step with the Pallas kernels switched on (interpret mode) gives the reference's tokens."""
+"""The offloaded decode step with the Pallas kernels switched on (interpret mode: the TPU kernels, and the GPU
+Triton kernels) gives the reference's tokens."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from kvjax import Engine, GenerationConfig, make_policy
@@ -8,7 +10,8 @@ from models import LoadedModel, ModelConfig, Transformer
 from pallas_kernels import dispatch
 
 
-def test_yakv_tokens_with_kernels_equal_reference():
+@pytest.mark.parametrize("mode", ["interpret", pytest.param("interpret_gpu", marks=pytest.mark.slow)])
+def test_yakv_tokens_with_kernels_equal_reference(mode):
     cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=128, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=1024)
     lm = LoadedModel(cfg, Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(3)), None)
@@ -19,20 +22,21 @@ def test_yakv_tokens_with_kernels_equal_reference():
     with dispatch.kernels_override("reference"):
         ref = [g.ids for g in Engine(lm, policy=pol).generate(ids, gen)]
     calls = []
-    orig_score, orig_attn = dispatch.score_landmarks, dispatch.decode_attention
+    orig = {name: getattr(dispatch, name) for name in ("score_landmarks", "decode_attention_segments")}
 
-    def spy(fn, name):
+    def spy(name):
         def wrapped(*a, **kw):
             calls.append((name, dispatch.resolve_backend(kw.get("use_kernels"), kw.get("interpret", False))))
-            return fn(*a, **kw)
+            return orig[name](*a, **kw)
         return wrapped
 
-    dispatch.score_landmarks = spy(orig_score, "score")
-    dispatch.decode_attention = spy(orig_attn, "attention")
     try:
-        with dispatch.kernels_override("interpret"):
+        for name in orig:
+            setattr(dispatch, name, spy(name))
+        with dispatch.kernels_override(mode):
             out = [g.ids for g in Engine(lm, policy=pol).generate(ids, gen)]
     finally:
-        dispatch.score_landmarks, dispatch.decode_attention = orig_score, orig_attn
-    assert {"score", "attention"} <= {n for n, b in calls if b == "interpret"}  # both kernels really ran
+        for name, fn in orig.items():
+            setattr(dispatch, name, fn)
+    assert {n for n, b in calls if b == mode} == set(orig)  # both kernels really ran
     assert out == ref

@@ -138,7 +138,8 @@ def test_full_budget_reproduces_full_attention_and_small_budget_selects():
     assert state.a_k.shape[-1] == 16  # rank 16 (Llama) = head_dim here: not clipped below it
     # the whole decode step lowers for TPU with the host gather as host compute and a move to the device
     txt = lower_step_for_tpu(own(eng, make_policy("lrqk", num_active=1.0)), state)
-    assert "annotate_device_placement" in txt and '_xla_compute_type = "host"' in txt
+    # the default fetch backend "auto" is the Pallas DMA kernel on TPU: no host-compute gather
+    assert 'kernel_name = "kvjax_fetch_rows_dma"' in txt and "_xla_compute_type" not in txt
     # small budget: each query head attends n_sel selected + the 64 recent prompt tokens (+ generated)
     pol = make_policy("lrqk", num_active=0.05)
     _, logits2, st2 = run_steps(own(eng, pol), prompts, steps=2)
