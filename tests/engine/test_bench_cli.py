@@ -19,8 +19,9 @@ def test_method_specs_with_overrides():
 
 
 def test_bench_decode_rows_reflect_the_overrides():
-    # min_seqlen_to_prune=0: otherwise the serving preset raises every budget to 512 attended tokens
-    a, b = "yakv-serving[sparse_budget=16;min_seqlen_to_prune=0]", "yakv-serving[sparse_budget=64;min_seqlen_to_prune=0]"
+    # min_attended_tokens=0: otherwise the serving preset raises every budget to 512 attended tokens
+    a = "yakv-serving[sparse_budget=16;min_seqlen_to_prune=0;min_attended_tokens=0]"
+    b = "yakv-serving[sparse_budget=64;min_seqlen_to_prune=0;min_attended_tokens=0]"
     rows = bench.bench_decode("smollm2-135m", ["full", a, b], [1024], "float32", steps=1)
     by = {r["method"]: r for r in rows}
     assert set(by) == {"full", a, b}
