@@ -237,6 +237,25 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list[
     return files
 
 
+def sources_line(records: Sequence[Mapping[str, Any]]) -> str:
+    """"sources: <benchmark>: <where its data came from>; …" over the records' ``data_source`` (eval.data.describe:
+    generated + seed, local path, kvjax cache, hub repo@revision); a benchmark read from several sources lists
+    them all. Empty when no record carries one."""
+    from .data import describe
+
+    seen: dict[str, list[str]] = {}
+    for r in records:
+        if r.get("data_source") is None:
+            continue
+        d = describe(r["data_source"])
+        lst = seen.setdefault(str(r.get("benchmark")), [])
+        if d not in lst:
+            lst.append(d)
+    if not seen:
+        return ""
+    return "sources: " + "; ".join(f"{b}: {' + '.join(v)}" for b, v in sorted(seen.items()))
+
+
 def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, plots: bool = True
                   ) -> tuple[str, list[dict]]:
     """summary.md, summary.csv, paired.csv (:mod:`eval.compare`, when two methods share a budget) and plots/ for
@@ -254,6 +273,9 @@ def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
             w = csv.DictWriter(f, fieldnames=list(pairs[0]))
             w.writeheader()
             w.writerows(pairs)
+    sources = sources_line(records)
+    if sources:
+        md += "\n" + sources + "\n"
     notes = ("\nscore: mean task score ×100 with a bootstrap 95% interval over samples; KL: mean KL(full ‖ method) "
              "per decode step (nats), teacher-forced on full's greedy output; top-1 agr: share of those steps where "
              "the method's greedy token equals full's; 1st div: median index of the first differing generated token "
@@ -267,5 +289,5 @@ def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
     return md, rows
 
 
-__all__ = ["COLUMNS", "bootstrap_ci", "keep_record", "load_records", "plot", "primary_score", "summarize",
-           "to_markdown", "write_csv", "write_summary"]
+__all__ = ["COLUMNS", "bootstrap_ci", "keep_record", "load_records", "plot", "primary_score", "sources_line",
+           "summarize", "to_markdown", "write_csv", "write_summary"]
