@@ -36,6 +36,7 @@ a file system every host sees.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import fractions
 import json
@@ -49,6 +50,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from eval.benchmarks import Sample, dataset_of, get_benchmark, register
 from eval.data import describe as describe_source
+from eval import suite
 from eval import summary as summary_mod
 from kvjax.options import parse_methods, parse_value as _parse_value
 
@@ -63,22 +65,18 @@ RUNNER_KEYS = ("max_new_tokens", "answer_prefix", "max_prompt_tokens")
 TABLE_PREFIX = "table"  # answer_prefix value: "| name | k1 | k2 |\n|---|---|---|\n|" from the sample's own keys
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # smollm2-135m in float32 on CPU: 8 + 8 samples, ~4 minutes on a quiet 2-core machine (3 + 3 took 1.6 min quiet
-    # and 12 min on a busy machine before the faster quantizer search), under the 15-minute target.
+    # smollm2-135m in float32 on CPU. The benchmarks are kvjax's default suite (eval/suite.py: real NeedleBench /
+    # LongProc where found without downloading, else generated; synthetic Text2JSON; RULER-style tasks); the
+    # options of every benchmark it may run are here, the set is chosen per run by suite.default_benchmarks.
     # Text2JSON in the line format (the 135M model cannot write JSON) with a markdown-table header as answer prefix,
     # medical domain only (the domain where the 135M model recovers names and attributes; its movie titles come
     # back quoted and score 0), and MultiNeedle (3 needles) inside the model's 8k context, cut with the model's
-    # own tokenizer. Generation is capped (96 / 40 new tokens) to fit the time; recall is measured every 4th step.
+    # own tokenizer. Generation is capped to fit the time; recall is measured every 4th step.
     "default": {
         "models": ["smollm2-135m"],
         "methods": ["full", "yakv", "shadowkv"],
         "budgets": ["default"],
-        "benchmarks": {
-            "text2json_synth": {"n_samples": 8, "target_tokens": 1500, "n_entities": 5, "answer_format": "lines",
-                                "domains": ["medical"], "answer_prefix": TABLE_PREFIX, "max_new_tokens": 96},
-            "multineedle": {"n_samples": 8, "context_length": 2500, "length_buffer": 200, "needle_count": 3,
-                            "max_new_tokens": 40},
-        },
+        "benchmarks": suite.OPTIONS,
         "recall_every": 4,
     },
     # The larger CPU run of BENCHMARKS.md (~80 min on 2 cores): 20 synthetic Text2JSON samples at 4k-7k tokens (all
@@ -831,8 +829,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``kvjax eval`` (every one optional: no flags = the default CPU run, preset "default")."""
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="starting point for models/methods/budgets/benchmarks (default: %(default)s: smollm2-135m, "
-                        "synthetic Text2JSON (line format) + MultiNeedle 2.5k, 8 samples each, full/yakv/shadowkv, ~4 min on a "
-                        "quiet 2-core CPU; "
+                        "full/yakv/shadowkv on kvjax's default suite, which runs offline: synthetic Text2JSON, "
+                        "MultiNeedle 2.5k (NeedleBench essays when found, else a generated haystack), LongProc "
+                        "(2 pages, when found) and RULER-style tasks at 2k tokens; see `kvjax data list`; "
                         "larger: 20 Text2JSON at 4k-7k + 10 MultiNeedle at 7.6k tokens, budgets 1/64..1/8, ~80 min "
                         "on CPU; paper: the authors' benchmarks, needs a 128k-context checkpoint; toy: tokenizer-free "
                         "smoke test)")
@@ -883,9 +882,12 @@ def _csv(s: str | None) -> list[str] | None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    preset = PRESETS[getattr(args, "preset", "default") or "default"]
+    preset_name = getattr(args, "preset", "default") or "default"
+    preset = PRESETS[preset_name]
     benches = _csv(args.benchmarks)
-    bench_cfg = {b: dict(preset["benchmarks"].get(b, {})) for b in (benches or preset["benchmarks"])}
+    if not benches:  # the default preset runs kvjax's default suite: real data where found, else generated
+        benches = list(suite.default_benchmarks(args.data_dir) if preset_name == "default" else preset["benchmarks"])
+    bench_cfg = {b: copy.deepcopy(preset["benchmarks"].get(b, {})) for b in benches}
     for name, kv in _dotted_opts(args.bench_opt, "bench").items():
         if name not in bench_cfg:
             raise ValueError(f"--bench-opt for {name!r}, which is not among the benchmarks {sorted(bench_cfg)}")

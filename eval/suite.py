@@ -29,7 +29,7 @@ MULTINEEDLE_REAL = {"multineedle": {"n_samples": 8, "context_length": 2500, "len
 MULTINEEDLE_SYNTH = {"multineedle_synth": {"n_samples": 8, "target_tokens": 2450, "needle_count": 3,
                                            "max_new_tokens": 40}}
 #: the two shortest pages of html_to_tsv_0.5k (about 2.1k SmolLM2 tokens each); generation capped for time
-LONGPROC = {"longproc": {"split": "html_to_tsv_0.5k", "task_ids": ["W214_0.5k_2", "W214_0.5k_1"],
+LONGPROC = {"longproc": {"split": "html_to_tsv_0.5k", "task_ids": ["W214_0.5k_1", "W214_0.5k_2"],
                          "max_new_tokens": 128}}
 RULER = {
     "ruler_niah_multikey": {"n_samples": 3, "target_tokens": 2000, "n_keys": 4, "max_new_tokens": 24},
@@ -38,6 +38,9 @@ RULER = {
     "ruler_cwe": {"n_samples": 3, "target_tokens": 2000, "n_common": 10, "max_new_tokens": 64},
     "ruler_fwe": {"n_samples": 3, "target_tokens": 2000, "max_new_tokens": 24},
 }
+
+#: options of every benchmark the default suite may run (``--benchmarks NAME`` with the default preset starts there)
+OPTIONS: dict[str, dict[str, Any]] = {**TEXT2JSON, **MULTINEEDLE_REAL, **MULTINEEDLE_SYNTH, **LONGPROC, **RULER}
 
 
 def default_benchmarks(data_dir: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:

@@ -294,7 +294,7 @@ def build_multineedle_synth(*, count_tokens: CountTokens, target_tokens: int = 2
 
     The first `needle_count` needles (default: one per depth, 11 depths 0, 10, …, 100) are shuffled per sample
     (seeded by (seed, sample)) and needle i goes to depths[i], at the sentence boundary nearest to that percent
-    of the haystack's characters. The number of haystack sentences is searched so that count_tokens(user_text)
+    of the haystack's characters. The number of haystack words is searched so that count_tokens(user_text)
     (the model's chat-templated count) is at most `target_tokens` and within `tolerance` of it.
     Returns (samples, []); scored like MultiNeedle (case-sensitive keyword substrings, depth buckets).
     """
@@ -316,7 +316,7 @@ def build_multineedle_synth(*, count_tokens: CountTokens, target_tokens: int = 2
         question = retrieval_question(needles)
 
         def render(n, prose=prose, needles=needles, question=question):
-            placed, _ = synthetic.insert_at_depths(prose.sentences(n), [e["needle"] for e in needles], depths)
+            placed, _ = synthetic.insert_at_depths(prose.words(n), [e["needle"] for e in needles], depths)
             return build_prompt(" ".join(placed), question) + HARNESS_SUFFIX
 
         n, text, n_tok = synthetic.fit_length(render, count_tokens, target_tokens, tolerance=tolerance,
@@ -326,7 +326,7 @@ def build_multineedle_synth(*, count_tokens: CountTokens, target_tokens: int = 2
             id=f"multineedle_synth-{target_tokens}-{seed}-{c}", benchmark="multineedle_synth", user_text=text,
             gold="*".join(keywords) + "#" + "*".join(map(str, depths)), max_new_tokens=MAX_NEW_TOKENS,
             meta={"depths": list(depths), "keywords": keywords, "needles": [e["needle"] for e in needles],
-                  "target_tokens": target_tokens, "prompt_tokens": n_tok, "haystack_sentences": n, "repeat": c,
+                  "target_tokens": target_tokens, "prompt_tokens": n_tok, "haystack_words": n, "repeat": c,
                   "seed": seed}))
     return samples, []
 

@@ -70,11 +70,11 @@ def _number(rng: random.Random, digits: int = 7) -> str:
 
 
 def _filler(haystack: str, seed: str, keys: Sequence[str]) -> Callable[[int], tuple[list[str], str]]:
-    """n -> (first n filler units, separator) for a haystack kind; prefix-stable in n. Distractor needles never
-    use one of the sample's `keys`."""
+    """n -> (filler units, separator) for a haystack kind, growing with n: the first n words of generated prose
+    (as sentences), n noise sentences, or n distractor needles (never with one of the sample's `keys`)."""
     if haystack == "prose":
         prose = synthetic.Prose(seed)
-        return lambda n: (prose.sentences(n), " ")
+        return lambda n: (prose.words(n), " ")
     if haystack == "noise":
         return lambda n: (synthetic.noise(n), "\n")
     rng, units = random.Random(f"kvjax-ruler-needles:{seed}"), []

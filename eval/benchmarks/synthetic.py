@@ -99,11 +99,25 @@ class Prose:
     def __init__(self, seed: int | str):
         self._rng = random.Random(f"kvjax-prose:{seed}")
         self._out: list[str] = []
+        self._words: list[int] = [0]  # cumulative word counts of the sentences
 
     def sentences(self, n: int) -> list[str]:
         while len(self._out) < n:
             self._out.append(_sentence(self._rng))
+            self._words.append(self._words[-1] + len(self._out[-1].split()))
         return self._out[:n]
+
+    def words(self, n: int) -> list[str]:
+        """The first `n` words of the stream as sentence units (the last one cut after its n-th word, as RULER
+        cuts its essay haystack to a word count): a length step of one word, so any target length is met."""
+        while self._words[-1] < n:
+            self.sentences(len(self._out) + 64)
+        k = bisect.bisect_left(self._words, n)  # sentences[:k] hold >= n words
+        units = self._out[:k]
+        extra = self._words[k] - n
+        if extra:
+            units = units[:-1] + [" ".join(units[-1].split()[:-extra])]
+        return units
 
 
 def noise(n: int) -> list[str]:
