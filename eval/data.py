@@ -414,7 +414,7 @@ def cmd_list(args) -> int:
         if used is None:
             src = f"{ds.hub.repo}@{ds.hub.revision[:12]}" if ds.hub else "-"
             rows.append((ds.name, ",".join(ds.benchmarks), "not available", "-", src, "-",
-                         "download with `kvjax data download`" if ds.hub else ds.note.split(":")[0]))
+                         f"`kvjax data download --benchmarks {ds.name}`" if ds.hub else ds.note.split(":")[0]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -32,11 +32,11 @@ MULTINEEDLE_SYNTH = {"multineedle_synth": {"n_samples": 8, "target_tokens": 2450
 LONGPROC = {"longproc": {"split": "html_to_tsv_0.5k", "task_ids": ["W214_0.5k_1", "W214_0.5k_2"],
                          "max_new_tokens": 128}}
 RULER = {
-    "ruler_niah_multikey": {"n_samples": 3, "target_tokens": 2000, "n_keys": 4, "max_new_tokens": 24},
-    "ruler_niah_multivalue": {"n_samples": 3, "target_tokens": 2000, "n_values": 4, "max_new_tokens": 48},
-    "ruler_vt": {"n_samples": 3, "target_tokens": 2000, "n_chains": 1, "n_hops": 4, "max_new_tokens": 32},
-    "ruler_cwe": {"n_samples": 3, "target_tokens": 2000, "n_common": 10, "max_new_tokens": 64},
-    "ruler_fwe": {"n_samples": 3, "target_tokens": 2000, "max_new_tokens": 24},
+    "ruler_niah_multikey": {"n_samples": 3, "target_tokens": 1500, "n_keys": 4, "max_new_tokens": 24},
+    "ruler_niah_multivalue": {"n_samples": 3, "target_tokens": 1500, "n_values": 4, "max_new_tokens": 48},
+    "ruler_vt": {"n_samples": 3, "target_tokens": 1500, "n_chains": 1, "n_hops": 4, "max_new_tokens": 32},
+    "ruler_cwe": {"n_samples": 3, "target_tokens": 1500, "n_common": 10, "max_new_tokens": 64},
+    "ruler_fwe": {"n_samples": 3, "target_tokens": 1500, "max_new_tokens": 24},
 }
 
 #: options of every benchmark the default suite may run (``--benchmarks NAME`` with the default preset starts there)

@@ -64,31 +64,24 @@ NOISE_SENTENCES = ("The river is wide.", "The hills are quiet.", "The road goes 
 """RULER's "noise" haystack idea (a short repeated passage of plain statements), in our own words."""
 
 
+_FORMS = ("the {a} {n} near {place} {past} {adv}.",
+          "{role} said that the {n} had {past} {time}.",
+          "in the {season}, people from {place} like to {act} the {a} {n}.",
+          "nobody expected the {n} to {verb} so {adv} {time}.",
+          "{role} wanted to {act} a {a} {n} and a {a2} {n2}.",
+          "there was a {a} {n} beside the {n2}, and it {past} {adv}.",
+          "{time}, the {n} and the {n2} {past} together near {place}.",
+          "some say the {a} {n} of {place} is older than the {n2}.",
+          "{role} would {adv} {act} the {n} {time}.",
+          "it is said that a {a} {n} once {past} by the {n2} {time}.")
+
+
 def _sentence(rng: random.Random) -> str:
     c = rng.choice
-    n, n2, a = c(NOUNS), c(NOUNS), c(ADJECTIVES)
     verb, past = c(_VERBS)
-    form = rng.randrange(10)
-    if form == 0:
-        s = f"the {a} {n} near {c(_PLACES)} {past} {c(_ADVERBS)}."
-    elif form == 1:
-        s = f"{c(_ROLES).lower()} said that the {n} had {past} {c(_TIMES)}."
-    elif form == 2:
-        s = f"in the {c(_SEASONS)}, people from {c(_PLACES)} like to {c(_VERBS_BASE)} the {a} {n}."
-    elif form == 3:
-        s = f"nobody expected the {n} to {verb} so {c(_ADVERBS)} {c(_TIMES)}."
-    elif form == 4:
-        s = f"{c(_ROLES).lower()} wanted to {c(_VERBS_BASE)} a {a} {n} and a {c(ADJECTIVES)} {n2}."
-    elif form == 5:
-        s = f"there was a {a} {n} beside the {n2}, and it {past} {c(_ADVERBS)}."
-    elif form == 6:
-        s = f"{c(_TIMES)}, the {n} and the {n2} {past} together near {c(_PLACES)}."
-    elif form == 7:
-        s = f"some say the {a} {n} of {c(_PLACES)} is older than the {n2}."
-    elif form == 8:
-        s = f"{c(_ROLES).lower()} would {c(_ADVERBS)} {c(_VERBS_BASE)} the {n} {c(_TIMES)}."
-    else:
-        s = f"it is said that a {a} {n} once {past} by the {n2} {c(_TIMES)}."
+    s = c(_FORMS).format(n=c(NOUNS), n2=c(NOUNS), a=c(ADJECTIVES), a2=c(ADJECTIVES), verb=verb, past=past,
+                         act=c(_VERBS_BASE), adv=c(_ADVERBS), time=c(_TIMES), season=c(_SEASONS),
+                         place=c(_PLACES), role=c(_ROLES).lower())
     return s[0].upper() + s[1:]
 
 
