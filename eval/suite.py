@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any
 
 from eval import data
@@ -49,10 +50,27 @@ def default_benchmarks(data_dir: str | os.PathLike | None = None) -> dict[str, d
     suite: dict[str, dict[str, Any]] = {}
     suite.update(TEXT2JSON)
     suite.update(MULTINEEDLE_REAL if data.find("needlebench", data_dir) else MULTINEEDLE_SYNTH)
-    if data.find("longproc", data_dir):
+    if _longproc_pages(data_dir):
         suite.update(LONGPROC)
     suite.update(RULER)
     return copy.deepcopy(suite)
+
+
+def _longproc_pages(data_dir) -> bool:
+    """Whether LongProc is found without downloading and holds the default's pages."""
+    loc = data.find("longproc", data_dir)
+    if loc is None:
+        return False
+    from eval.benchmarks.longproc import load_longproc
+
+    opts = LONGPROC["longproc"]
+    try:
+        with warnings.catch_warnings():  # malformed records elsewhere in the split do not matter here
+            warnings.simplefilter("ignore")
+            load_longproc(opts["split"], data_dir=loc.root, task_ids=opts["task_ids"])
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
 
 
 def default_sources(data_dir: str | os.PathLike | None = None) -> dict[str, str]:
@@ -66,5 +84,7 @@ def default_sources(data_dir: str | os.PathLike | None = None) -> dict[str, str]
         out["multineedle"] = ("not run: NeedleBench not found, multineedle_synth runs instead "
                               "(`kvjax data download --benchmarks multineedle`)")
     if "longproc" not in out:
-        out["longproc"] = "not run: LongProc not found (`kvjax data download --benchmarks longproc`)"
+        found = data.find("longproc", data_dir)
+        out["longproc"] = (f"not run: {found.path} lacks the pages {LONGPROC['longproc']['task_ids']}" if found else
+                           "not run: LongProc not found (`kvjax data download --benchmarks longproc`)")
     return out

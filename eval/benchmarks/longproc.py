@@ -61,7 +61,8 @@ def load_longproc(split: str = "html_to_tsv_8k", *, data_dir: str | pathlib.Path
     """LongProc HTML-to-TSV samples of `split` (one of SPLITS) in file order.
 
     data_dir: the data root holding longproc/; None = found by `eval.data.locate` ($KVJAX_DATA, kvjax's cache,
-      the hub). task_ids: keep only these ids (in file order), e.g. the few that fit a small model's context.
+      the hub). task_ids: keep only these ids (in file order; a hub row matches by its id or its metadata's
+      task_id), e.g. the few that fit a small model's context; raises ValueError naming the ids not found.
     A record is skipped (and counted) when it is not an object, lacks one of the string fields, names an HTML file
     that does not exist or is not UTF-8, or has a task_id seen before. Returns (samples, malformed messages).
     """
@@ -75,14 +76,14 @@ def load_longproc(split: str = "html_to_tsv_8k", *, data_dir: str | pathlib.Path
     else:
         samples, messages = _load_hub(folder, split, n_samples, task_ids)
     if task_ids is not None:
-        missing = sorted(set(task_ids) - {s.id for s in samples})
+        missing = sorted(set(task_ids) - {s.id for s in samples} - {s.meta.get("task_id") for s in samples})
         if missing:
             raise ValueError(f"task_ids {missing} are not in LongProc {split} (or were malformed)")
     return samples, messages
 
 
-def _wanted(task_id: str, task_ids: Sequence[str] | None) -> bool:
-    return task_ids is None or task_id in task_ids
+def _wanted(ids: Sequence[str], task_ids: Sequence[str] | None) -> bool:
+    return task_ids is None or any(i in task_ids for i in ids)
 
 
 def _load_files(root: pathlib.Path, split: str, n_samples: int | None, task_ids: Sequence[str] | None
@@ -90,14 +91,13 @@ def _load_files(root: pathlib.Path, split: str, n_samples: int | None, task_ids:
     data_path = require_path(root / f"{split}.json", f"LongProc split {split}")
     template = load_prompt_template(root)
     log = MalformedLog(str(data_path))
-    samples = list(itertools.islice((s for s in _file_records(root, data_path, split, template, log)
-                                     if _wanted(s.id, task_ids)), n_samples))
+    samples = list(itertools.islice(_file_records(root, data_path, split, template, log, task_ids), n_samples))
     log.warn()
     return samples, log.messages
 
 
-def _file_records(root: pathlib.Path, data_path: pathlib.Path, split: str, template: str, log: MalformedLog
-                  ) -> Iterator[Sample]:
+def _file_records(root: pathlib.Path, data_path: pathlib.Path, split: str, template: str, log: MalformedLog,
+                  task_ids: Sequence[str] | None = None) -> Iterator[Sample]:
     try:
         with open(data_path, encoding="utf-8") as f:
             records = json.load(f)
@@ -117,6 +117,8 @@ def _file_records(root: pathlib.Path, data_path: pathlib.Path, split: str, templ
             continue
         if rec["task_id"] in seen:
             log.skip(where, f"duplicate task_id {rec['task_id']!r}")
+            continue
+        if not _wanted([rec["task_id"]], task_ids):
             continue
         html_path = root / rec["html_path"]
         try:
@@ -191,7 +193,8 @@ def _hub_records(folder: pathlib.Path, split: str, log: MalformedLog) -> Iterato
             continue
         seen.add(row["id"])
         meta = {k: v for k, v in (extra or {}).items() if isinstance(v, (str, int, float, bool)) and k != "gt"}
-        meta.update(task_id=row["id"], split=split, form="hub")
+        meta.setdefault("task_id", row["id"])
+        meta.update(split=split, form="hub")
         yield Sample(id=row["id"], benchmark="longproc", user_text=row["input_prompt"], gold=row["reference_output"],
                      meta=meta, max_new_tokens=MAX_NEW_TOKENS)
 
@@ -199,8 +202,8 @@ def _hub_records(folder: pathlib.Path, split: str, log: MalformedLog) -> Iterato
 def _load_hub(folder: pathlib.Path, split: str, n_samples: int | None, task_ids: Sequence[str] | None
               ) -> tuple[list[Sample], list[str]]:
     log = MalformedLog(f"{folder / split}")
-    samples = list(itertools.islice((s for s in _hub_records(folder, split, log) if _wanted(s.id, task_ids)),
-                                    n_samples))
+    samples = list(itertools.islice((s for s in _hub_records(folder, split, log)
+                                     if _wanted([s.id, s.meta["task_id"]], task_ids)), n_samples))
     log.warn()
     return samples, log.messages
 

@@ -51,6 +51,23 @@ def test_real_data_replaces_the_generated_multineedle_and_adds_longproc(shared_d
     assert report.source["kind"] == "local" and report.source["via"] == "--data-dir"
 
 
+def test_longproc_without_the_default_pages_is_left_out(nothing, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    split = tmp_path / "root" / "longproc" / "html_to_tsv_0.5k"
+    split.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"id": "other", "input_prompt": "p", "reference_output": "h\nx",
+                                          "metadata": "{}"}]), split / "test-00000-of-00001.parquet")
+    assert "longproc" not in suite.default_benchmarks(tmp_path / "root")
+    assert "lacks the pages" in suite.default_sources(tmp_path / "root")["longproc"]
+    row = {"input_prompt": "p", "reference_output": "h\nx"}
+    pq.write_table(pa.Table.from_pylist([{**row, "id": i, "metadata": json.dumps({"task_id": i})}
+                                         for i in suite.LONGPROC["longproc"]["task_ids"]]),
+                   split / "test-00000-of-00001.parquet")
+    assert "longproc" in suite.default_benchmarks(tmp_path / "root")
+
+
 def _copy_package(dst: pathlib.Path) -> None:
     for pkg in ("kvjax", "models", "pallas_kernels", "eval"):
         shutil.copytree(ROOT / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
