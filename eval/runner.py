@@ -49,7 +49,7 @@ import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 from eval.benchmarks import Sample, dataset_of, get_benchmark, register
-from eval.data import describe as describe_source
+from eval.data import DataNotFoundError, describe as describe_source
 from eval import suite
 from eval import summary as summary_mod
 from kvjax.options import parse_methods, parse_value as _parse_value
@@ -918,7 +918,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
-    except ValueError as e:
+    except (ValueError, DataNotFoundError) as e:  # DataNotFoundError: --data-dir / $KVJAX_DATA names no folder
         raise SystemExit(f"kvjax eval: {e}") from None
     t0 = time.perf_counter()
     res = run(cfg)

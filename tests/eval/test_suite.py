@@ -68,6 +68,14 @@ def test_longproc_without_the_default_pages_is_left_out(nothing, tmp_path):
     assert "longproc" in suite.default_benchmarks(tmp_path / "root")
 
 
+def test_eval_with_a_missing_data_dir_stops_before_the_model_loads(tmp_path):
+    from kvjax import cli
+
+    with pytest.raises(SystemExit, match=r"--data-dir .*nope.* is not a folder"):
+        cli.main(["eval", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def _copy_package(dst: pathlib.Path) -> None:
     for pkg in ("kvjax", "models", "pallas_kernels", "eval"):
         shutil.copytree(ROOT / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
