@@ -256,3 +256,14 @@ def test_data_command_in_a_subprocess_exits_2_without_traceback(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("kvjax: error: --data-dir") and str(tmp_path / "no") in p.stderr
+
+
+def test_a_file_or_hub_name_the_user_gives_is_recorded_as_given(fresh, tmp_path):
+    params, src = data.resolve_source("text2json", {"hub_name": "me/t2j", "revision": "v1", "data_dir": "x"})
+    assert "data_dir" not in params and src == {"kind": "hub", "via": "hub_name", "dataset": "text2json",
+                                                "repo": "me/t2j", "revision": "v1", "path": None}
+    assert data.describe(src) == "hub dataset me/t2j@v1"
+    params, src = data.resolve_source("text2json", {"path": str(tmp_path / "t.jsonl")})
+    assert src["kind"] == "local" and src["path"] == str(tmp_path / "t.jsonl")
+    assert data.describe(src) == f"{tmp_path / 't.jsonl'} (path)"
+    assert fresh.calls == []
