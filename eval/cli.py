@@ -6,6 +6,7 @@ Registered with the ``kvjax`` command through the ``kvjax.commands`` entry point
 from __future__ import annotations
 
 import argparse
+import copy
 import pathlib
 import sys
 import time
@@ -15,8 +16,9 @@ from kvjax.cli import check_model_arg, common_flags, run_command
 from kvjax.options import (UsageError, check_policy_options, method_names, parse_mesh, parse_methods,
                            parse_value)
 
-from . import runner
+from . import data, runner, suite
 from .benchmarks import available as available_benchmarks
+from .data import DataNotFoundError
 from .grid import method_specs, parse_budget
 from .presets import PRESETS
 from .runner import RunConfig
@@ -45,8 +47,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``kvjax eval`` (every one optional: no flags = the default CPU run, preset "default")."""
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="starting point for models/methods/budgets/benchmarks (default: %(default)s: smollm2-135m, "
-                        "synthetic Text2JSON (line format) + MultiNeedle 2.5k, 8 samples each, full/yakv/shadowkv, ~4 min on a "
-                        "quiet 2-core CPU; "
+                        "full/yakv/shadowkv on kvjax's default suite, which runs offline: synthetic Text2JSON, "
+                        "MultiNeedle 2.5k (NeedleBench essays when found, else a generated haystack), LongProc "
+                        "(2 pages, when found) and RULER-style tasks at 1.5k tokens; see `kvjax data list`; "
                         "larger: 20 Text2JSON at 4k-7k + 10 MultiNeedle at 7.6k tokens, budgets 1/64..1/8, ~80 min "
                         "on CPU; paper: the authors' benchmarks, needs a 128k-context checkpoint; toy: tokenizer-free "
                         "smoke test)")
@@ -86,7 +89,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-errors", action="store_true", help="recompute records that failed before")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
-    p.add_argument("--data-dir", default=None, help="benchmark data root (default: $KVJAX_DATA or ../shared/data)")
+    p.add_argument("--data-dir", default=None,
+                   help="benchmark data root holding needlebench/, longproc/, text2json.jsonl (default: $KVJAX_DATA, "
+                        "else kvjax's cache, else the Hugging Face hub for benchmarks that need it; see "
+                        "`kvjax data list`)")
     p.add_argument("--distributed", action="store_true", help="several processes split the samples (jax.distributed)")
     p.add_argument("--coordinator", default=None, help="host:port of process 0 (or $KVJAX_COORDINATOR)")
     p.add_argument("--num-processes", type=int, default=None, help="(or $KVJAX_NUM_PROCESSES)")
@@ -141,7 +147,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for b in benches or ():
         if b not in available_benchmarks():
             raise UsageError(f"--benchmarks: {b!r} is unknown; allowed: {', '.join(available_benchmarks())}")
-    bench_cfg = {b: dict(preset["benchmarks"].get(b, {})) for b in (benches or preset["benchmarks"])}
+    try:
+        data.find("needlebench", args.data_dir)  # raises when --data-dir / $KVJAX_DATA names no folder
+        if not benches:  # the default preset runs kvjax's default suite: real data where found, else generated
+            benches = list(suite.default_benchmarks(args.data_dir) if args.preset == "default"
+                           else preset["benchmarks"])
+    except DataNotFoundError as e:
+        raise UsageError(str(e)) from None
+    bench_cfg = {b: copy.deepcopy(preset["benchmarks"].get(b, {})) for b in benches}
     for name, kv in _dotted_opts(args.bench_opt, "bench").items():
         if name not in bench_cfg:
             raise UsageError(f"--bench-opt for {name!r}, which is not among the benchmarks {sorted(bench_cfg)}")

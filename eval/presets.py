@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from eval import suite
+
 #: The paper's default budgets where they differ from a policy class's own default: YAKV's eval config (1/32) and
 #: ShadowKV's "default 1.5625%" the paper compares against (the class default is 2048 tokens).
 PAPER_BUDGETS = {"yakv": 1 / 32, "shadowkv": 1 / 64}
@@ -14,22 +16,18 @@ RUNNER_KEYS = ("max_new_tokens", "answer_prefix", "max_prompt_tokens")
 TABLE_PREFIX = "table"  # answer_prefix value: "| name | k1 | k2 |\n|---|---|---|\n|" from the sample's own keys
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # smollm2-135m in float32 on CPU: 8 + 8 samples, ~4 minutes on a quiet 2-core machine (3 + 3 took 1.6 min quiet
-    # and 12 min on a busy machine before the faster quantizer search), under the 15-minute target.
+    # smollm2-135m in float32 on CPU. The benchmarks are kvjax's default suite (eval/suite.py: real NeedleBench /
+    # LongProc where found without downloading, else generated; synthetic Text2JSON; RULER-style tasks); the
+    # options of every benchmark it may run are here, the set is chosen per run by suite.default_benchmarks.
     # Text2JSON in the line format (the 135M model cannot write JSON) with a markdown-table header as answer prefix,
     # medical domain only (the domain where the 135M model recovers names and attributes; its movie titles come
     # back quoted and score 0), and MultiNeedle (3 needles) inside the model's 8k context, cut with the model's
-    # own tokenizer. Generation is capped (96 / 40 new tokens) to fit the time; recall is measured every 4th step.
+    # own tokenizer. Generation is capped to fit the time; recall is measured every 4th step.
     "default": {
         "models": ["smollm2-135m"],
         "methods": ["full", "yakv", "shadowkv"],
         "budgets": ["default"],
-        "benchmarks": {
-            "text2json_synth": {"n_samples": 8, "target_tokens": 1500, "n_entities": 5, "answer_format": "lines",
-                                "domains": ["medical"], "answer_prefix": TABLE_PREFIX, "max_new_tokens": 96},
-            "multineedle": {"n_samples": 8, "context_length": 2500, "length_buffer": 200, "needle_count": 3,
-                            "max_new_tokens": 40},
-        },
+        "benchmarks": suite.OPTIONS,
         "recall_every": 4,
     },
     # The larger CPU run of BENCHMARKS.md (~80 min on 2 cores): 20 synthetic Text2JSON samples at 4k-7k tokens (all

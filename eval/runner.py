@@ -17,7 +17,8 @@ What a run does, per model and sample (batch size 1, as the authors' harness):
 5. ``summary.md``, ``summary.csv`` and ``plots/`` are written from all records (eval/summary.py) and the table is
    printed with the wall time.
 
-Record fields: key, model, benchmark, sample_id, method, budget (label), budget_value, budget_fraction, config
+Record fields: key, model, benchmark, sample_id, data_source (where the benchmark's data came from:
+eval.data.resolve_source), method, budget (label), budget_value, budget_fraction, config
 (the policy's config), prompt_tokens, max_new_tokens, prediction (decoded text, answer prefix not included),
 n_generated, stop_reason, score (the benchmark's per-sample dict), fidelity (eval/fidelity.py; full: exact by
 definition), device/host bytes per prompt token (the policy state's bytes, padding to the prompt bucket and the
@@ -47,7 +48,8 @@ import time
 import traceback
 from typing import Any, Callable, Mapping
 
-from eval.benchmarks import Sample, get_benchmark
+from eval.benchmarks import Sample, dataset_of, get_benchmark
+from eval.data import describe as describe_source
 from kvjax.options import UsageError, parse_mesh
 
 from . import summary as summary_mod
@@ -102,14 +104,12 @@ def build_samples(bench: str, opts: Mapping[str, Any], tok, ctx: int, cfg: RunCo
     params = {k: v for k, v in opts.items() if k not in RUNNER_KEYS}
     if cfg.max_samples is not None and "n_samples" not in params:
         params["n_samples"] = cfg.max_samples
-    if bench == "text2json_synth" and "seed" not in params:
-        params["seed"] = cfg.seed
-    if bench == "toy_retrieval":
+    if dataset_of(bench) is None:  # a generated benchmark: --seed
         params.setdefault("seed", cfg.seed)
     if bench == "multineedle" and "tokenizer" not in params:
         params["tokenizer"] = getattr(tok, "tok", tok)  # the model's tokenizers.Tokenizer
-    if bench in ("multineedle", "longproc", "text2json") and cfg.data_dir and "data_dir" not in params:
-        params["data_dir"] = cfg.data_dir
+    if cfg.data_dir:  # load() resolves it for benchmarks that read data (eval.data.locate)
+        params.setdefault("data_dir", cfg.data_dir)
     if isinstance(params.get("domains"), str):
         params["domains"] = [params["domains"]]
     cap = opts.get("max_new_tokens", cfg.max_new_tokens)
@@ -139,7 +139,8 @@ def build_samples(bench: str, opts: Mapping[str, Any], tok, ctx: int, cfg: RunCo
     text = report.summary()
     if no_room:
         text += f"; skipped {len(no_room)} whose prompt + max_new_tokens exceeds the {ctx}-token context"
-    return out, {"summary": text, "too_long": report.too_long + no_room, "malformed": report.n_malformed}
+    return out, {"summary": text, "too_long": report.too_long + no_room, "malformed": report.n_malformed,
+                 "source": report.source}
 
 
 # ------------------------------------------------------------------------------------------------------ the run
@@ -369,7 +370,7 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
         base = Engine(lm, policy="full", mesh=mesh)
         full_policy = make_policy("full")
 
-        units = []
+        units, sources = [], {}
         for bench, opts in cfg.benchmarks.items():
             try:
                 built, rep = build_samples(bench, opts, tok, lm.config.max_position_embeddings, cfg)
@@ -377,8 +378,9 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
                 raise UsageError(f"--models {model!r}: {e}") from None
             except (TypeError, ValueError, FileNotFoundError) as e:  # options or data the benchmark cannot take
                 raise UsageError(f"--benchmarks {bench!r} with options {opts}: {e}") from None
-            log(f"{model}: {rep['summary']}")
+            log(f"{model}: {rep['summary']}; data: {describe_source(rep['source'])}")
             units += [(bench, s, mn) for s, mn in built]
+            sources[bench] = rep["source"]
         mine = units[pid::nproc]
 
         def pending_specs(bench, s):
@@ -400,7 +402,7 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
             bobj = get_benchmark(sample.benchmark)
             ids = tok.encode(tok.apply_chat_template(sample.user_text) + sample.answer_prefix)
             common = {"model": model, "benchmark": bench, "sample_id": sample.id, "prompt_tokens": len(ids),
-                      "max_new_tokens": max_new, "dtype": dtype, "process": pid}
+                      "max_new_tokens": max_new, "dtype": dtype, "process": pid, "data_source": sources[bench]}
 
             def emit(rec: dict) -> None:
                 rec = {"key": record_key(model, bench, sample.id, rec["method"], rec["budget"]), **common, **rec,

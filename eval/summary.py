@@ -183,6 +183,25 @@ NOTES = ("\nscore: mean task score ×100 with a bootstrap 95% interval over samp
          "prompt token; s/sample: shared prefill + the method's build and decode.\n")
 
 
+def sources_line(records: Sequence[Mapping[str, Any]]) -> str:
+    """"sources: <benchmark>: <where its data came from>; …" over the records' ``data_source`` (eval.data.describe:
+    generated + seed, local path, kvjax cache, hub repo@revision); a benchmark read from several sources lists
+    them all. Empty when no record carries one."""
+    from .data import describe
+
+    seen: dict[str, list[str]] = {}
+    for r in records:
+        if r.get("data_source") is None:
+            continue
+        d = describe(r["data_source"])
+        lst = seen.setdefault(str(r.get("benchmark")), [])
+        if d not in lst:
+            lst.append(d)
+    if not seen:
+        return ""
+    return "sources: " + "; ".join(f"{b}: {' + '.join(v)}" for b, v in sorted(seen.items()))
+
+
 def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, plots: bool = True
                   ) -> tuple[str, list[dict]]:
     """summary.md, summary.csv, paired.csv (:mod:`eval.compare`, when two methods share a budget) and plots/ for
@@ -195,6 +214,9 @@ def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
             w = csv.DictWriter(f, fieldnames=list(pairs[0]))
             w.writeheader()
             w.writerows(pairs)
+    sources = sources_line(records)
+    if sources:
+        md += "\n" + sources + "\n"
     (out_dir / "summary.md").write_text(md + NOTES, encoding="utf-8")
     write_csv(rows, out_dir / "summary.csv")
     if plots and rows:
@@ -202,4 +224,4 @@ def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
     return md, rows
 
 
-__all__ = ["COLUMNS", "NOTES", "plot", "render", "summarize", "to_markdown", "write_csv", "write_summary"]
+__all__ = ["COLUMNS", "NOTES", "plot", "render", "sources_line", "summarize", "to_markdown", "write_csv", "write_summary"]

@@ -10,6 +10,10 @@ import pytest
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
+# The library never looks beside the repository for data; tests and CI point it at ../shared/data when it exists.
+if (SHARED / "data").is_dir():
+    os.environ.setdefault("KVJAX_DATA", str(SHARED / "data"))
+
 
 @pytest.fixture(scope="session")
 def shared_dir():

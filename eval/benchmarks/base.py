@@ -1,5 +1,5 @@
-"""Common pieces of the benchmark harness: the `Sample` record, the benchmark registry, length filtering,
-data-directory resolution and token codecs.
+"""Common pieces of the benchmark harness: the `Sample` record, the benchmark registry (with the dataset each
+benchmark reads), length filtering and token codecs.
 
 A benchmark turns files (or a generator's parameters) into a list of `Sample`s whose `user_text` is the exact
 user-turn string the model sees before chat templating (the authors' OpenCompass flattening, see
@@ -8,11 +8,14 @@ shared/specs/benchmarks.md §1), and scores one prediction string against a samp
 Length policy: a sample whose chat-templated prompt is longer than `max_prompt_tokens` is skipped and counted,
 never truncated (the authors' harness right-truncates at 131,072 tokens, which would silently cut the question).
 Malformed records are skipped with a count and one message each; `load` warns once and returns them in the report.
+
+Data: a benchmark registered with `data=<dataset>` reads real files, found by `eval.data.locate` (--data-dir,
+$KVJAX_DATA, kvjax's cache, the Hugging Face hub); one registered without it generates its samples from a `seed`.
+`load` records which in `SkipReport.source` (the runner copies it into every record as `data_source`).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import re
 import warnings
@@ -21,9 +24,6 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime
 CountTokens = Callable[[str], int]
 """Token count of a user-turn string *as the model will see it*: the caller applies the model's chat template
 (with the generation prompt) inside this callable, then counts the model tokenizer's ids."""
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DATA_ENV = "KVJAX_DATA"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,6 +77,7 @@ class SkipReport:
     too_long: list[str] = dataclasses.field(default_factory=list)
     max_prompt_tokens: int | None = None
     prompt_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def n_malformed(self) -> int:
@@ -141,12 +142,24 @@ class Benchmark(Protocol):
 #: name -> benchmark; each benchmark module registers itself on import, and the package (eval/benchmarks/__init__.py)
 #: imports every benchmark module, so importing any part of eval.benchmarks fills it.
 _REGISTRY: dict[str, Benchmark] = {}
+_DATA: dict[str, str | None] = {}
 
 
-def register(benchmark: Benchmark) -> Benchmark:
-    """Add a benchmark to the registry under `benchmark.name` (last registration wins)."""
+def register(benchmark: Benchmark, *, data: str | None = None) -> Benchmark:
+    """Add a benchmark to the registry under `benchmark.name` (last registration wins).
+
+    data: the dataset it reads (a name of `eval.data.DATASETS`), or None for a benchmark that generates its
+    samples (its build takes a `seed`, default 0).
+    """
     _REGISTRY[benchmark.name] = benchmark
+    _DATA[benchmark.name] = data
     return benchmark
+
+
+def dataset_of(name: str) -> str | None:
+    """The dataset benchmark `name` reads, or None when it generates its samples."""
+    get_benchmark(name)
+    return _DATA[name]
 
 
 def available() -> list[str]:
@@ -170,18 +183,24 @@ def load(name: str, *, count_tokens: CountTokens | None = None, max_prompt_token
         Needed when `max_prompt_tokens` is given; when given alone, every sample's length is still recorded.
         Benchmarks with `uses_count_tokens = True` (the Text2JSON generator) also receive it in `build`.
       max_prompt_tokens: samples whose count exceeds it are skipped (counted in the report), never truncated.
-      **params: passed to the benchmark's `build` (data_dir, split, n_samples, context_length, …).
+      **params: passed to the benchmark's `build` (split, n_samples, context_length, …). `data_dir` is taken
+        out and resolved with `eval.data.resolve_source` (benchmarks that read data get the resolved root; it is
+        ignored by generated ones).
     Returns:
-      (samples kept, SkipReport). Malformed records and over-long samples also produce a `warnings.warn`.
+      (samples kept, SkipReport). Malformed records and over-long samples also produce a `warnings.warn`;
+      `report.source` says where the data came from (generated + seed, local path, cache, hub repo + revision).
     """
+    from eval.data import resolve_source
+
     bench = get_benchmark(name)
     if max_prompt_tokens is not None and count_tokens is None:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens} needs a count_tokens callable (got None)")
+    params, source = resolve_source(dataset_of(name), params)
     if getattr(bench, "uses_count_tokens", False):  # generators that size prompts in tokens
         params["count_tokens"] = count_tokens
     samples, malformed = bench.build(**params)
     report = SkipReport(benchmark=name, n_built=len(samples), malformed=list(malformed),
-                        max_prompt_tokens=max_prompt_tokens)
+                        max_prompt_tokens=max_prompt_tokens, source=source)
     if count_tokens is not None:
         samples, too_long, lengths = filter_by_length(samples, count_tokens, max_prompt_tokens)
         report.too_long = too_long
@@ -213,25 +232,16 @@ def filter_by_length(samples: Iterable[Sample], count_tokens: CountTokens, max_p
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data location
+# Files
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The benchmark data root: `data_dir` if given, else $KVJAX_DATA, else ../shared/data beside the repo.
+@dataclasses.dataclass
+class FileCheck:
+    """What `kvjax data check` reports for one file: records read and one message per malformed record."""
 
-    Raises FileNotFoundError naming the path that was tried and how it was chosen.
-    """
-    if data_dir is not None:
-        path, how = pathlib.Path(data_dir), "data_dir argument"
-    elif os.environ.get(DATA_ENV):
-        path, how = pathlib.Path(os.environ[DATA_ENV]), f"${DATA_ENV}"
-    else:
-        path, how = REPO_ROOT.parent / "shared" / "data", "default ../shared/data beside the repository"
-    path = path.expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"benchmark data directory {str(path)!r} (from {how}) does not exist; pass "
-                                f"data_dir=... or set ${DATA_ENV} to the folder holding longproc/ and needlebench/")
-    return path
+    file: str
+    n_records: int
+    malformed: list[str]
 
 
 def require_path(path: pathlib.Path, what: str) -> pathlib.Path:

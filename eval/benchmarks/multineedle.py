@@ -1,4 +1,6 @@
-"""MultiNeedle (NeedleBench v2 parallel / multi-retrieval, English; shared/specs/benchmarks.md §3).
+"""MultiNeedle (NeedleBench v2 parallel / multi-retrieval, English; shared/specs/benchmarks.md §3), and
+"multineedle_synth", the same prompt, question and scoring around a generated haystack with kvjax's own needles
+(no essays: it runs with no data).
 
 Construction, as the authors' `NeedleBenchParallelDataset` (OpenCompass) does it:
   * needle pool: the first `n` English entries of needles.jsonl (file order) with a new `arg1`, a new `arg2` and a
@@ -24,11 +26,14 @@ import json
 import pathlib
 import random
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from eval import metrics
 
-from .base import MalformedLog, Sample, as_codec, cl100k_codec, register, require_path, resolve_data_dir
+from eval.data import locate
+
+from . import synthetic
+from .base import CountTokens, FileCheck, MalformedLog, Sample, as_codec, cl100k_codec, register, require_path
 
 MAX_NEW_TOKENS = 1024
 DEFAULT_DEPTHS = tuple(range(0, 101, 10))
@@ -57,6 +62,28 @@ def _needle_problem(entry: Any) -> str | None:
     return None
 
 
+def _jsonl(path: str | pathlib.Path, log: MalformedLog, problem) -> Iterator[dict]:
+    """The records of a JSON Lines file for which problem(record) is None; the others are logged and skipped."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                log.skip(f"line {lineno}", f"invalid JSON ({e.msg})")
+                continue
+            why = problem(entry)
+            if why is not None:
+                log.skip(f"line {lineno}", why)
+                continue
+            yield entry
+
+
+def _essay_problem(rec: Any) -> str | None:
+    if not isinstance(rec, Mapping) or not isinstance(rec.get("text"), str):
+        return "field 'text' missing or not a string"
+    return None
+
+
 def needle_pool(needles_path: str | pathlib.Path, n: int, language: str = "English",
                 log: MalformedLog | None = None) -> list[dict]:
     """The first `n` entries of `language` in file order whose arg1, arg2 and (arg1, arg2) are all new.
@@ -65,28 +92,28 @@ def needle_pool(needles_path: str | pathlib.Path, n: int, language: str = "Engli
     """
     log = log or MalformedLog(str(needles_path))
     seen1, seen2, seen12, out = set(), set(), set(), []
-    with open(needles_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if len(out) == n:
-                break
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                log.skip(f"line {lineno}", f"invalid JSON ({e.msg})")
-                continue
-            why = _needle_problem(entry)
-            if why is not None:
-                log.skip(f"line {lineno}", why)
-                continue
-            if entry["language"] != language:
-                continue
-            a1, a2 = entry["arg1"], entry["arg2"]
-            if a1 in seen1 or a2 in seen2 or (a1, a2) in seen12:
-                continue
-            seen1.add(a1), seen2.add(a2), seen12.add((a1, a2))
-            out.append(entry)
+    for entry in _jsonl(needles_path, log, _needle_problem):
+        if len(out) == n:
+            break
+        if entry["language"] != language:
+            continue
+        a1, a2 = entry["arg1"], entry["arg2"]
+        if a1 in seen1 or a2 in seen2 or (a1, a2) in seen12:
+            continue
+        seen1.add(a1), seen2.add(a2), seen12.add((a1, a2))
+        out.append(entry)
     if len(out) < n:
         raise ValueError(f"needle_count={n}: only {len(out)} distinct {language} needles in {str(needles_path)!r}")
+    return out
+
+
+def check_files(folder: str | pathlib.Path) -> list[FileCheck]:
+    """`kvjax data check` for a NeedleBench folder: records and malformed lines of the essays and needles."""
+    out = []
+    for name, problem in (("PaulGrahamEssays.jsonl", _essay_problem), ("needles.jsonl", _needle_problem)):
+        path = pathlib.Path(folder) / name
+        log = MalformedLog(str(path))
+        out.append(FileCheck(str(path), sum(1 for _ in _jsonl(path, log, problem)), log.messages))
     return out
 
 
@@ -140,7 +167,8 @@ def build_multineedle(*, tokenizer: Any = None, data_dir: str | pathlib.Path | N
     Args:
       tokenizer: cuts and measures the haystack in its tokens; None = the authors' cl100k_base via tiktoken
         (raises a clear error where it is unavailable).
-      data_dir: folder holding needlebench/PaulGrahamEssays.jsonl and needlebench/needles.jsonl.
+      data_dir: data root holding needlebench/PaulGrahamEssays.jsonl and needlebench/needles.jsonl; None = found by
+        `eval.data.locate` ($KVJAX_DATA, kvjax's cache, the hub).
       context_length: the authors' `length` in tokens; the haystack plus needles take exactly
         context_length - length_buffer tokens before decoding.
       depths: percent positions, one per needle (needle i at depths[i]); default evenly spaced over
@@ -160,23 +188,12 @@ def build_multineedle(*, tokenizer: Any = None, data_dir: str | pathlib.Path | N
     depths = _depths(depths, needle_count)
     codec = cl100k_codec() if tokenizer is None else as_codec(tokenizer)
 
-    root = require_path(resolve_data_dir(data_dir) / "needlebench", "NeedleBench data folder")
+    root = locate("needlebench", data_dir).path
     essays_path = require_path(root / "PaulGrahamEssays.jsonl", "NeedleBench haystack (PaulGrahamEssays.jsonl)")
     needles_path = require_path(root / "needles.jsonl", "NeedleBench needles (needles.jsonl)")
 
     log = MalformedLog(str(essays_path))
-    essays: list[str] = []
-    with open(essays_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                log.skip(f"line {lineno}", f"invalid JSON ({e.msg})")
-                continue
-            if not isinstance(rec, Mapping) or not isinstance(rec.get("text"), str):
-                log.skip(f"line {lineno}", "field 'text' missing or not a string")
-                continue
-            essays.append(rec["text"])
+    essays = [rec["text"] for rec in _jsonl(essays_path, log, _essay_problem)]
     if not essays:
         raise ValueError(f"no usable essay in {str(essays_path)!r}")
     nlog = MalformedLog(str(needles_path))
@@ -216,6 +233,104 @@ def build_multineedle(*, tokenizer: Any = None, data_dir: str | pathlib.Path | N
     return samples, log.messages
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# MultiNeedle with a generated haystack (no essays) and kvjax's own needles
+
+#: kvjax's needle set for the generated variant, in the NeedleBench record format: invented facts whose keyword
+#: (arg2) occurs nowhere else (not in the question, not in the generated prose).
+SYNTH_NEEDLES: tuple[dict[str, str], ...] = tuple(
+    {"needle": n, "retrieval_question": q, "arg1": a1, "arg2": a2, "language": "English"}
+    for n, q, a1, a2 in (
+        ("The lighthouse on Korvath Point was first lit by Admiral Tessaly Vohn.",
+         "Who first lit the lighthouse on Korvath Point? Please answer in the format 'The lighthouse on Korvath "
+         "Point was first lit by ________.'", "Korvath Point", "Admiral Tessaly Vohn"),
+        ("The orchestra of Brimhollow always opens its season with the Quillmarsh Overture.",
+         "Which piece does the orchestra of Brimhollow open its season with? Please answer in the format 'The "
+         "orchestra of Brimhollow opens its season with ________.'", "Brimhollow", "Quillmarsh Overture"),
+        ("The oldest bridge in Sarnovel was designed by the engineer Ilsabet Crowe.",
+         "Who designed the oldest bridge in Sarnovel? Please answer in the format 'The oldest bridge in Sarnovel "
+         "was designed by ________.'", "Sarnovel", "Ilsabet Crowe"),
+        ("The annual kite race on Mount Peveril is won most often by the Tinwhistle Flyers.",
+         "Which team wins the kite race on Mount Peveril most often? Please answer in the format 'The kite race on "
+         "Mount Peveril is won most often by ________.'", "Mount Peveril", "Tinwhistle Flyers"),
+        ("The first ship to reach the Ozmara Reef was called the Lantern of Dusk.",
+         "What was the first ship to reach the Ozmara Reef called? Please answer in the format 'The first ship to "
+         "reach the Ozmara Reef was called ________.'", "Ozmara Reef", "Lantern of Dusk"),
+        ("The secret recipe of the Haldane bakery is kept by Master Orrin Pellwick.",
+         "Who keeps the secret recipe of the Haldane bakery? Please answer in the format 'The secret recipe of the "
+         "Haldane bakery is kept by ________.'", "Haldane bakery", "Master Orrin Pellwick"),
+        ("The tallest tower of Veskaria is named the Spire of Emberlight.",
+         "What is the tallest tower of Veskaria named? Please answer in the format 'The tallest tower of Veskaria "
+         "is named ________.'", "Veskaria", "Spire of Emberlight"),
+        ("The chess champion of Lorrimoor Academy is a robot called Gearwick Seven.",
+         "Who is the chess champion of Lorrimoor Academy? Please answer in the format 'The chess champion of "
+         "Lorrimoor Academy is ________.'", "Lorrimoor Academy", "Gearwick Seven"),
+        ("The moon of the planet Taravos is known to sailors as Silverhook.",
+         "What do sailors call the moon of the planet Taravos? Please answer in the format 'Sailors call the moon "
+         "of the planet Taravos ________.'", "Taravos", "Silverhook"),
+        ("The rarest flower in the Quendle Marshes is the Nightglass Lily.",
+         "What is the rarest flower in the Quendle Marshes? Please answer in the format 'The rarest flower in the "
+         "Quendle Marshes is ________.'", "Quendle Marshes", "Nightglass Lily"),
+        ("The map of the Dravenholt caves was drawn by the explorer Mirela Fausk.",
+         "Who drew the map of the Dravenholt caves? Please answer in the format 'The map of the Dravenholt caves "
+         "was drawn by ________.'", "Dravenholt caves", "Mirela Fausk"),
+        ("The bell of Ashcombe Abbey was cast from the metal of the Copperwind Anchor.",
+         "What was the bell of Ashcombe Abbey cast from? Please answer in the format 'The bell of Ashcombe Abbey "
+         "was cast from ________.'", "Ashcombe Abbey", "Copperwind Anchor"),
+        ("The river festival of Pellandria is led every year by the Order of Bluefen.",
+         "Who leads the river festival of Pellandria? Please answer in the format 'The river festival of "
+         "Pellandria is led by ________.'", "Pellandria", "Order of Bluefen"),
+        ("The clockwork owl of Hemsley Square was built by the tinker Jorvan Quist.",
+         "Who built the clockwork owl of Hemsley Square? Please answer in the format 'The clockwork owl of Hemsley "
+         "Square was built by ________.'", "Hemsley Square", "Jorvan Quist"),
+    ))
+
+
+def build_multineedle_synth(*, count_tokens: CountTokens, target_tokens: int = 2500, n_samples: int = 8,
+                            depths: Sequence[float] | None = None, needle_count: int | None = None, seed: int = 0,
+                            tolerance: float = 0.02) -> tuple[list[Sample], list[str]]:
+    """MultiNeedle with a generated haystack: the authors' prompt, question and gold format (§3.3 steps 3, 6, 7)
+    around kvjax's generated prose (eval/benchmarks/synthetic.py) with kvjax's needles (SYNTH_NEEDLES).
+
+    The first `needle_count` needles (default: one per depth, 11 depths 0, 10, …, 100) are shuffled per sample
+    (seeded by (seed, sample)) and needle i goes to depths[i], at the sentence boundary nearest to that percent
+    of the haystack's characters. The number of haystack words is searched so that count_tokens(user_text)
+    (the model's chat-templated count) is at most `target_tokens` and within `tolerance` of it.
+    Returns (samples, []); scored like MultiNeedle (case-sensitive keyword substrings, depth buckets).
+    """
+    if not callable(count_tokens):
+        raise ValueError(f"count_tokens={count_tokens!r}: the generated MultiNeedle needs the model's token counter "
+                         f"(a callable str -> int of the chat-templated prompt) to reach target_tokens")
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r}, allowed: int >= 1")
+    if not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}, allowed: int")
+    depths = _depths(depths, needle_count)
+    if len(depths) > len(SYNTH_NEEDLES):
+        raise ValueError(f"needle_count={len(depths)}: kvjax's generated variant has {len(SYNTH_NEEDLES)} needles")
+    samples = []
+    for c in range(n_samples):
+        needles = list(SYNTH_NEEDLES[:len(depths)])
+        random.Random(f"kvjax-multineedle-synth:{seed}:{c}").shuffle(needles)
+        prose = synthetic.Prose(f"multineedle:{seed}:{c}")
+        question = retrieval_question(needles)
+
+        def render(n, prose=prose, needles=needles, question=question):
+            placed, _ = synthetic.insert_at_depths(prose.words(n), [e["needle"] for e in needles], depths)
+            return build_prompt(" ".join(placed), question) + HARNESS_SUFFIX
+
+        n, text, n_tok = synthetic.fit_length(render, count_tokens, target_tokens, tolerance=tolerance,
+                                              what="multineedle_synth prompt")
+        keywords = [e["arg2"] for e in needles]
+        samples.append(Sample(
+            id=f"multineedle_synth-{target_tokens}-{seed}-{c}", benchmark="multineedle_synth", user_text=text,
+            gold="*".join(keywords) + "#" + "*".join(map(str, depths)), max_new_tokens=MAX_NEW_TOKENS,
+            meta={"depths": list(depths), "keywords": keywords, "needles": [e["needle"] for e in needles],
+                  "target_tokens": target_tokens, "prompt_tokens": n_tok, "haystack_words": n, "repeat": c,
+                  "seed": seed}))
+    return samples, []
+
+
 def score_multineedle(sample: Sample, prediction: str) -> dict[str, Any]:
     """{"hits": [(depth, found), …], "found": fraction of needles found} (case-sensitive substring)."""
     hits = metrics.needle_hits(sample.answer_prefix + (prediction if isinstance(prediction, str) else ""),
@@ -238,4 +353,13 @@ class _MultiNeedle:
         return metrics.needlebench_aggregate([s["hits"] for s in scores])
 
 
-register(_MultiNeedle())
+class _MultiNeedleSynth(_MultiNeedle):
+    name = "multineedle_synth"
+    uses_count_tokens = True
+
+    def build(self, **params):
+        return build_multineedle_synth(**params)
+
+
+register(_MultiNeedle(), data="needlebench")
+register(_MultiNeedleSynth())

@@ -18,7 +18,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from eval import metrics
 
-from .base import CountTokens, MalformedLog, Sample, register, resolve_data_dir
+from eval.data import locate
+
+from .base import CountTokens, FileCheck, MalformedLog, Sample, register
 
 MAX_NEW_TOKENS = 1024  # the authors' max_out_len for Text2JSON
 FORMATS = ("json", "lines")
@@ -70,8 +72,8 @@ def _read_jsonl(path: pathlib.Path, log: MalformedLog, n_samples: int | None) ->
 
 
 def load_text2json(path: str | pathlib.Path | None = None, *, hub_name: str | None = None, split: str = "train",
-                   data_dir: str | pathlib.Path | None = None, n_samples: int | None = None
-                   ) -> tuple[list[Sample], list[str]]:
+                   revision: str | None = None, data_dir: str | pathlib.Path | None = None,
+                   n_samples: int | None = None) -> tuple[list[Sample], list[str]]:
     """Read Text2JSON records in the authors' format.
 
     Args:
@@ -79,8 +81,10 @@ def load_text2json(path: str | pathlib.Path | None = None, *, hub_name: str | No
         skipped and counted instead of aborting the file, which the `datasets` JSON builder would do); other files
         (`.parquet`, `.csv`, `.arrow`) go through `datasets.load_dataset`; a folder written by
         `Dataset.save_to_disk` through `datasets.load_from_disk`. Default: `<data_dir>/text2json.jsonl`.
-      hub_name: a Hugging Face hub dataset name, loaded with `datasets.load_dataset(hub_name, split=split)`;
-        takes precedence over `path`.
+      hub_name: a Hugging Face hub dataset name, loaded with `datasets.load_dataset(hub_name, split=split,
+        revision=revision)`; takes precedence over `path`.
+      data_dir: the data root holding text2json.jsonl, used when neither is given; None = found by
+        `eval.data.locate` ($KVJAX_DATA, kvjax's cache; the file is not on the hub).
       n_samples: keep only the first N records (lines), like the authors' TEXT2JSON_N_SAMPLES; None = all.
     Returns:
       (samples, malformed-record messages). Sample ids are "text2json-<index>" (0-based record index); extra
@@ -92,11 +96,11 @@ def load_text2json(path: str | pathlib.Path | None = None, *, hub_name: str | No
         import datasets
 
         log = MalformedLog(f"hub dataset {hub_name!r}")
-        ds = datasets.load_dataset(hub_name, split=split)
+        ds = datasets.load_dataset(hub_name, split=split, revision=revision)
         records = [(f"row {i}", r) for i, r in enumerate(ds) if n_samples is None or i < n_samples]
     else:
         if path is None:
-            path = resolve_data_dir(data_dir) / "text2json.jsonl"
+            path = locate("text2json", data_dir).path
         path = pathlib.Path(path)
         if not path.exists():
             raise FileNotFoundError(f"Text2JSON data not found at {str(path)!r} (the authors' file is not public; "
@@ -132,6 +136,13 @@ def load_text2json(path: str | pathlib.Path | None = None, *, hub_name: str | No
                               gold=rec["answer"], meta=meta, max_new_tokens=MAX_NEW_TOKENS))
     log.warn()
     return samples, log.messages
+
+
+def check_files(path: str | pathlib.Path) -> list[FileCheck]:
+    """`kvjax data check` for a Text2JSON file: records usable by the authors' prompt and scorer, and one message
+    per malformed line."""
+    samples, malformed = load_text2json(path)
+    return [FileCheck(str(path), len(samples), malformed)]
 
 
 def write_text2json_jsonl(samples: Iterable[Sample], path: str | pathlib.Path) -> pathlib.Path:
@@ -626,5 +637,5 @@ class _Text2JSONSynth(_Text2JSON):
         return generate_text2json(**params), []
 
 
-register(_Text2JSON())
+register(_Text2JSON(), data="text2json")
 register(_Text2JSONSynth())

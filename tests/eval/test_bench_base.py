@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 from hypothesis import given, strategies as st
 
-from eval.benchmarks import (Sample, SimpleCodec, available, count_simple_tokens, filter_by_length, get_benchmark,
-                             load, resolve_data_dir)
+from eval.benchmarks import (Sample, SimpleCodec, available, count_simple_tokens, dataset_of, filter_by_length,
+                             get_benchmark, load)
 
 
 def _s(i, text):
@@ -61,22 +61,20 @@ def test_load_report_counts_too_long():
     assert "over max_prompt_tokens" in rep2.summary()
 
 
-def test_resolve_data_dir_precedence(tmp_path, monkeypatch):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    monkeypatch.setenv("KVJAX_DATA", str(b))
-    assert resolve_data_dir(a) == a
-    assert resolve_data_dir() == b
-    monkeypatch.setenv("KVJAX_DATA", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="missing"):
-        resolve_data_dir()
+def test_registry_declares_the_data_each_benchmark_reads():
+    assert {b: dataset_of(b) for b in ("text2json", "multineedle", "longproc")} == {
+        "text2json": "text2json", "multineedle": "needlebench", "longproc": "longproc"}
+    for b in ("text2json_synth", "multineedle_synth", "ruler_niah_multikey", "ruler_vt", "ruler_cwe", "ruler_fwe"):
+        assert dataset_of(b) is None
 
 
-def test_default_data_dir_is_shared_data(shared_dir, monkeypatch):
-    monkeypatch.delenv("KVJAX_DATA", raising=False)
-    if not (shared_dir / "data").is_dir():
-        pytest.skip("../shared/data absent")
-    assert resolve_data_dir() == shared_dir / "data"
+def test_load_reports_a_generated_source_with_its_seed():
+    _, report = load("text2json_synth", n_samples=1, count_tokens=count_simple_tokens, target_tokens=600,
+                     n_entities=2, seed=7, data_dir="/ignored/for/generated")
+    assert report.source == {"kind": "generated", "seed": 7}
+    _, report = load("text2json_synth", n_samples=1, count_tokens=count_simple_tokens, target_tokens=600,
+                     n_entities=2)
+    assert report.source == {"kind": "generated", "seed": 0}
 
 
 @given(st.text())

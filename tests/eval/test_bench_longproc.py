@@ -82,5 +82,5 @@ def test_malformed_records(tmp_path):
 
 
 def test_missing_folder_names_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "longproc" / "html_to_tsv"))):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "longproc"))):
         load_longproc(data_dir=tmp_path)

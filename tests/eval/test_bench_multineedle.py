@@ -149,3 +149,55 @@ def test_malformed_records_and_missing_dir(tmp_path, data):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="needlebench"):
         build_multineedle(tokenizer=SimpleCodec(), data_dir=tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------- generated haystack (no data)
+def _synth(**kw):
+    from eval.benchmarks import count_simple_tokens
+
+    kw.setdefault("n_samples", 2)
+    kw.setdefault("target_tokens", 3000)
+    return load("multineedle_synth", count_tokens=count_simple_tokens, **kw)
+
+
+def test_synth_is_deterministic_and_needs_no_data(monkeypatch, tmp_path):
+    monkeypatch.delenv("KVJAX_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a, rep = _synth(seed=1)
+    b, _ = _synth(seed=1)
+    c, _ = _synth(seed=2)
+    assert [s.user_text for s in a] == [s.user_text for s in b] != [s.user_text for s in c]
+    assert rep.source == {"kind": "generated", "seed": 1}
+
+
+def test_synth_needles_sit_at_their_depths_and_the_target_length():
+    from eval.benchmarks import count_simple_tokens
+    from eval.benchmarks.multineedle import SYNTH_NEEDLES
+
+    for target in (1500, 3000, 12000):
+        samples, _ = _synth(target_tokens=target, needle_count=5)
+        for s in samples:
+            assert 0.98 * target <= count_simple_tokens(s.user_text) <= target
+            assert s.user_text.startswith(PROMPT_HEAD_EN) and s.user_text.endswith("'\n\n\n")
+            ctx = s.user_text[len(PROMPT_HEAD_EN):s.user_text.index("\n</Document>")]
+            needles, depths = s.meta["needles"], s.meta["depths"]
+            assert depths == [0, 25, 50, 75, 100]
+            keywords, gold_depths = s.gold.split("#")
+            assert keywords.split("*") == s.meta["keywords"] and gold_depths == "0*25*50*75*100"
+            hay = len(ctx) - sum(len(n) + 1 for n in needles)
+            for needle, kw, d in zip(needles, s.meta["keywords"], depths):
+                assert s.user_text.count(kw) == 1  # the keyword occurs only in its needle
+                pos = ctx.index(needle)
+                before = sum(len(o) + 1 for o in needles if ctx.index(o) < pos)
+                assert abs((pos - before) / hay - d / 100) < 0.02
+            asked = {e["arg1"] for e in SYNTH_NEEDLES if e["needle"] in needles}
+            assert all(a in s.user_text.split("</Document>")[1] for a in asked)
+
+
+def test_synth_scorer_gives_100_on_the_reference_and_0_on_empty():
+    samples, _ = _synth()
+    bench = get_benchmark("multineedle_synth")
+    ref = [bench.score(s, "; ".join(s.meta["keywords"])) for s in samples]
+    assert bench.aggregate(samples, ref)["average_score"] == 100.0
+    assert bench.aggregate(samples, [bench.score(s, "") for s in samples])["average_score"] == 0.0

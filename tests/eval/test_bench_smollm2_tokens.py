@@ -72,3 +72,24 @@ def test_real_tokenizer_lengths(smollm2, shared_dir):
         ctx = s.user_text[s.user_text.index("<Document>\n") + 11:s.user_text.index("\n</Document>")]
         assert abs(len(tk.encode(ctx, add_special_tokens=False).ids) - 3500) <= 20
         assert all(n in ctx for n in s.meta["needles"])
+
+
+def _generated_length_check(count, cases):
+    from eval.benchmarks import load
+
+    for name, target in cases:
+        samples, report = load(name, count_tokens=count, n_samples=1, target_tokens=target)
+        n = report.prompt_tokens[samples[0].id]
+        assert 0.98 * target <= n <= target, (name, target, n)
+
+
+GENERATED = ["multineedle_synth", "ruler_cwe", "ruler_fwe", "ruler_niah_multikey", "ruler_niah_multivalue", "ruler_vt"]
+
+
+def test_generated_tasks_reach_their_length_in_real_chat_templated_tokens(smollm2):
+    _generated_length_check(smollm2[1], [(name, 2000) for name in GENERATED] + [("ruler_niah_multikey", 32_000)])
+
+
+@pytest.mark.slow
+def test_generated_tasks_reach_128k_real_tokens(smollm2):
+    _generated_length_check(smollm2[1], [(name, 128_000) for name in GENERATED])
