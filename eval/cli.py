@@ -67,8 +67,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="instead of --budgets: give every method the same device bytes per prompt token "
                         "(kvjax.budgets), resolved per sample")
     p.add_argument("--benchmarks", default=None,
-                   help="comma list of registered benchmarks (text2json, text2json_synth, multineedle, longproc, "
-                        "toy_retrieval); options from the preset when it has the benchmark")
+                   help="comma list of registered benchmarks: text2json, text2json_synth, multineedle, "
+                        "multineedle_synth, longproc, ruler_niah_multikey, ruler_niah_multivalue, ruler_vt, ruler_cwe, "
+                        "ruler_fwe, toy_retrieval (default: the preset's; the default preset's suite is chosen by "
+                        "what data is found); options from the preset when it has the benchmark")
     p.add_argument("--bench-opt", action="append", default=[], metavar="BENCH.KEY=VALUE",
                    help="benchmark option, e.g. multineedle.context_length=4000, text2json_synth.answer_prefix=table, "
                         "multineedle.max_new_tokens=64 (repeatable)")

@@ -1,4 +1,4 @@
-"""Where benchmark data comes from, and the ``kvjax data download|list|check`` command.
+"""Where benchmark data comes from (the `kvjax data download|list|check` command over it is eval/data_cli.py).
 
 A *data root* is a folder holding one entry per dataset, laid out as the authors' harness expects:
 ``needlebench/`` (PaulGrahamEssays.jsonl, needles.jsonl), ``longproc/`` (html_to_tsv/… as in the LongProc GitHub

@@ -1,9 +1,10 @@
-"""The ``kvjax`` command: generate, eval, bench, convert.
+"""The ``kvjax`` command: generate, eval, data, bench, convert.
 
     kvjax generate --model smollm2-135m --prompt "What is the capital of Germany?"
     kvjax generate --method yakv --budget 0.03125 --prompt-file long.txt
-    kvjax eval                      # default run: smollm2-135m, synthetic Text2JSON + MultiNeedle, full/yakv/shadowkv
-    kvjax bench generate|decode|score
+    kvjax eval                      # default run: smollm2-135m, full/yakv/shadowkv on the offline default suite
+    kvjax data list                 # where benchmark data is found; `kvjax data download` fetches it from the hub
+    kvjax bench generate|decode|memory|score
     kvjax convert --model smollm2-135m --out ckpt/   # orbax checkpoint, loadable with --model ckpt/
 """
 from __future__ import annotations
@@ -39,7 +40,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="the method's budget: a fraction of the prompt in (0, 1] (1/64, 0.015625) or a token count "
                         ">= 1 (2048); sets the method's own knob (sparse_budget for yakv/shadowkv, budget for "
                         "arkvale/quest/infinigen, num_active for lrqk; full attention takes none); default: the "
-                        "method's paper default")
+                        "method's paper default. Prompts shorter than the method's min_seqlen_to_prune (512 tokens by "
+                        "default), or whose budget covers the whole prompt, are decoded with exact attention "
+                        "(a warning says so)")
     p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="override any policy config field, e.g. --policy-opt local_budget=128 (repeatable)")
 
