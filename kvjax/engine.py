@@ -402,9 +402,10 @@ class Engine:
                             exact) for p, exact in runs]
         if len(sessions) > 1 and len(pols) < len(sessions):  # two sessions share a state: make them forks
             seen = {}
-            for i, (p, _) in enumerate(runs):
+            for i, (p, exact) in enumerate(runs):
                 if p in seen:
                     sessions[i] = sessions[seen[p]].fork()
+                    sessions[i].exact = exact  # e.g. full asked for, and a policy that fell back to full
                 seen.setdefault(p, i)
         return sessions if policies is not None else sessions[0]
 

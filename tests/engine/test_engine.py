@@ -183,3 +183,13 @@ def test_session_fork_and_teacher_forcing():
     for t in toks[1:]:
         np.testing.assert_array_equal(np.asarray(a.step(t).logits), np.asarray(ref.step(t).logits))
     assert (a.pos == ref.pos).all() and (b.pos == a.pos).all()
+
+
+@pytest.mark.parametrize("order", [("full", "yakv"), ("yakv", "full")])
+def test_sessions_say_which_policy_fell_back_to_full(order):
+    """One prefill for full and for a policy that cannot prune the prompt (shorter than min_seqlen_to_prune): both
+    sessions run full attention, and only the fallen-back one says so, in either order of the policies."""
+    eng = Engine(tiny(), min_prompt_bucket=16)
+    sessions = eng.start(prompts(1, [20]), 8, policies=list(order))
+    assert [s.exact for s in sessions] == [name == "yakv" for name in order]
+    assert all(s.policy.name == "full" for s in sessions)

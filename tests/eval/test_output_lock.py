@@ -89,25 +89,33 @@ def test_two_concurrent_evals_store_each_record_once(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_and_a_cut_line_resume_to_the_same_records(tmp_path):
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    assert finish(eval_proc(ref))[0] == 0
-    p = eval_proc(out)
-    deadline = time.monotonic() + 600
-    while not ((out / "results.jsonl").exists() and len(lines_of(out / "results.jsonl")) >= 2):
-        assert p.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.2)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    more = ("--bench-opt", "toy_retrieval.n_samples=4")  # 8 records: the kill lands mid-run
+    ref = tmp_path / "ref"
+    assert finish(eval_proc(ref, *more))[0] == 0
+    for attempt in range(3):  # the kill must land while the run still holds the lock with records to go
+        out = tmp_path / f"run{attempt}"
+        p = eval_proc(out, *more)
+        deadline = time.monotonic() + 600
+        while not ((out / "results.jsonl").exists() and len(lines_of(out / "results.jsonl")) >= 1):
+            assert p.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+        alive = p.poll() is None
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if alive and len(lines_of(out / "results.jsonl")) < 8:
+            break
+    else:
+        pytest.fail("three runs finished before the kill landed")
     done = lines_of(out / "results.jsonl")
     with open(out / "results.jsonl", "a") as f:
         f.write('{"key": "smollm2|cut in the mid')  # a write cut by the kill
-    rc, _, err = finish(eval_proc(out))
+    rc, _, err = finish(eval_proc(out, *more))
     assert rc == 0, err[-2000:]
     assert "taking over the lock of a run that ended without releasing it" in err and f"PID {p.pid}" in err
     assert "dropped 1 unreadable line" in err
     got = {r["key"]: r for r in lines_of(out / "results.jsonl")}
     want = {r["key"]: r for r in lines_of(ref / "results.jsonl")}
-    assert len(lines_of(out / "results.jsonl")) == len(got) == len(want) == 4
+    assert len(lines_of(out / "results.jsonl")) == len(got) == len(want) == 8
     for k in want:
         assert {x: v for x, v in got[k].items() if x not in VOLATILE} == \
             {x: v for x, v in want[k].items() if x not in VOLATILE}, k
