@@ -169,7 +169,17 @@ def bench_generate_hf(cfg, lengths, steps) -> list[dict]:
               num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
               rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
               max_position_embeddings=cfg.max_position_embeddings)
-    model = (Qwen3ForCausalLM(Qwen3Config(**kw)) if cfg.family == "qwen3" else LlamaForCausalLM(LlamaConfig(**kw)))
+    if cfg.family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            **kw, num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+            decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers)))
+    elif cfg.family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**kw))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kw))
     model = model.float().eval()
     rows = []
     rng = np.random.default_rng(0)
