@@ -51,9 +51,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "MultiNeedle 2.5k (NeedleBench essays when found, else a generated haystack), LongProc "
                         "(2 pages, when found) and RULER-style tasks at 1.5k tokens; see `kvjax data list`; "
                         "larger: 20 Text2JSON at 4k-7k + 10 MultiNeedle at 7.6k tokens, budgets 1/64..1/8, ~80 min "
-                        "on CPU; paper: the authors' benchmarks, needs a 128k-context checkpoint; toy: tokenizer-free "
-                        "smoke test)")
-    p.add_argument("--models", default=None, help="comma list: registry names, HF dirs, .gguf files or orbax dirs")
+                        "on CPU; paper: the authors' grid (eval/paper.py: MultiNeedle 128k, Text2JSON, LongProc "
+                        "html_to_tsv_8k; full, yakv 1/32, shadowkv 1/64 and 0.15625, arkvale, infinigen on Llama, "
+                        "lrqk at the paper's budgets), needs the checkpoints (--models DIR ...) and the data; toy: "
+                        "tokenizer-free smoke test)")
+    p.add_argument("--models", default=None, nargs="+", metavar="MODEL",
+                   help="registry names, HF dirs, .gguf files or orbax dirs (space- or comma-separated)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="default: float32 on CPU, bfloat16 elsewhere")
     p.add_argument("--mesh", default=None, metavar="DATAxMODEL", help="shard each model over local devices")
@@ -95,6 +98,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="benchmark data root holding needlebench/, longproc/, text2json.jsonl (default: $KVJAX_DATA, "
                         "else kvjax's cache, else the Hugging Face hub for benchmarks that need it; see "
                         "`kvjax data list`)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the grid (models x benchmarks x methods x budgets), sample counts, prompt lengths after "
+                        "the chat template and each configuration's device / host memory, then stop: reads only "
+                        "the models' configs and tokenizers (a checkpoint dir with config.json and a tokenizer is "
+                        "enough) and the benchmark data; loads no weights, runs nothing, writes nothing")
+    p.add_argument("--device-gib", type=float, default=None, metavar="G",
+                   help="with --dry-run: flag the configurations whose device memory (weights + peak) exceeds G GiB "
+                        "(e.g. 80 for an A100-80G / H100, 16 for a TPU v5e chip); default: flag nothing")
+    p.add_argument("--dry-run-memory", default="compiled", choices=["compiled", "state"],
+                   help="with --dry-run: 'compiled' = XLA's memory analysis of the compiled prefill and decode step "
+                        "(compile only, once per model x method x budget x benchmark at its longest prompt; about "
+                        "5-20 s each on a CPU at 128k tokens), 'state' = weights + the policy state's bytes from "
+                        "jax.eval_shape (fast; no activations or temporaries: a lower bound). Default: %(default)s")
     p.add_argument("--distributed", action="store_true", help="several processes split the samples (jax.distributed)")
     p.add_argument("--coordinator", default=None, help="host:port of process 0 (or $KVJAX_COORDINATOR)")
     p.add_argument("--num-processes", type=int, default=None, help="(or $KVJAX_NUM_PROCESSES)")
@@ -114,7 +130,7 @@ def _csv(s: str | None, flag: str, example: str) -> list[str] | None:
     return items
 
 
-def _check_methods(methods: Sequence[str], budgets, policy_opts: dict) -> None:
+def _check_methods(methods: Sequence[str], budgets, policy_opts: dict, method_budgets: dict | None = None) -> None:
     """Every method is known, every --policy-opt names one of them and a field of its config, and each (method,
     budget) config passes its own checks (eval.grid.method_specs builds them all), so a mistake fails here, before
     any model loads."""
@@ -134,7 +150,7 @@ def _check_methods(methods: Sequence[str], budgets, policy_opts: dict) -> None:
         check_policy_options(base[name], kv, f"--policy-opt {name}.")
     for label, m, inline in parsed:
         try:
-            method_specs([label], budgets, policy_opts)
+            method_specs([label], budgets, policy_opts, method_budgets)
         except (TypeError, ValueError) as e:
             flag = "--policy-opt" if policy_opts.get(m) or policy_opts.get(label) or inline else "--budgets"
             raise UsageError(f"{flag}: {e}") from None
@@ -149,6 +165,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for b in benches or ():
         if b not in available_benchmarks():
             raise UsageError(f"--benchmarks: {b!r} is unknown; allowed: {', '.join(available_benchmarks())}")
+    if args.device_gib is not None and not args.dry_run:
+        raise UsageError(f"--device-gib={args.device_gib:g} is only read by --dry-run; add --dry-run, or leave "
+                         f"--device-gib out")
+    if args.device_gib is not None and not args.device_gib > 0:
+        raise UsageError(f"--device-gib={args.device_gib:g}, allowed: > 0 GiB of device memory")
     try:
         data.find("needlebench", args.data_dir)  # raises when --data-dir / $KVJAX_DATA names no folder
         if not benches:  # the default preset runs kvjax's default suite: real data where found, else generated
@@ -161,7 +182,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if name not in bench_cfg:
             raise UsageError(f"--bench-opt for {name!r}, which is not among the benchmarks {sorted(bench_cfg)}")
         bench_cfg[name].update(kv)
-    budgets = [parse_budget(b) for b in (_csv(args.budgets, "--budgets", "1/64,1/32") or preset["budgets"])]
+    if not args.dry_run:  # a dry run reports missing data instead
+        _check_data(bench_cfg, args.data_dir)
+    given = _csv(args.budgets, "--budgets", "1/64,1/32")
+    budgets = [parse_budget(b) for b in (given or preset["budgets"])]
+    # a preset's per-method budgets, unless --budgets / --equal-memory set every method's
+    method_budgets = {} if given or args.equal_memory is not None else {
+        m: [parse_budget(b) for b in bs] for m, bs in preset.get("method_budgets", {}).items()}
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max-samples={args.max_samples}, allowed: int >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -180,23 +207,45 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                          f"0 <= id < num_processes")
     methods = _csv(args.methods, "--methods", "full,yakv,shadowkv") or list(preset["methods"])
     policy_opts = _dotted_opts(args.policy_opt, "policy")
-    _check_methods(methods, budgets, policy_opts)
+    _check_methods(methods, budgets, policy_opts, method_budgets)
     if args.mesh:
         # under --distributed the devices are known only after jax.distributed.initialize: syntax only
         parse_mesh(args.mesh, None if args.distributed else _local_device_count())
-    models = _csv(args.models, "--models", "smollm2-135m") or list(preset["models"])
+    models = (_csv(",".join(args.models), "--models", "smollm2-135m") if args.models is not None
+              else list(preset["models"]))
     for m in models:  # last: every other argument is checked before a model is looked up
         check_model_arg(m, "--models")
     return RunConfig(
         out=pathlib.Path(args.out or f"runs/{args.preset}"),
         models=models, methods=methods,
         budgets=budgets, benchmarks=bench_cfg, policy_opts=policy_opts,
-        dtype=args.dtype, mesh=args.mesh, equal_memory=args.equal_memory, max_samples=args.max_samples,
+        dtype=args.dtype or preset.get("dtype"), mesh=args.mesh, equal_memory=args.equal_memory, max_samples=args.max_samples,
         max_new_tokens=args.max_new_tokens, seed=args.seed, recall_every=recall_every,
         fidelity=not args.no_fidelity, retry_errors=args.retry_errors, progress=not args.no_progress,
         plots=not args.no_plots, distributed=args.distributed, coordinator=args.coordinator,
         num_processes=args.num_processes, process_id=args.process_id, merge_timeout=args.merge_timeout,
-        data_dir=args.data_dir, wait=args.wait)
+        data_dir=args.data_dir, wait=args.wait, method_budgets=method_budgets,
+        method_families={m: list(f) for m, f in preset.get("method_families", {}).items()})
+
+
+def _check_data(bench_cfg: dict, data_dir) -> None:
+    """Before any model loads: a benchmark that reads data (no ``path`` / ``hub_name`` option) must find it, or be
+    able to download it (a hub dataset, nothing named by --data-dir / $KVJAX_DATA, not offline); otherwise
+    eval.data's error as a usage error."""
+    import os
+
+    from .benchmarks import dataset_of
+
+    for name, opts in bench_cfg.items():
+        ds = dataset_of(name)
+        if ds is None or opts.get("path") or opts.get("hub_name") or data.find(ds, data_dir) is not None:
+            continue
+        named = data_dir is not None or bool(os.environ.get(data.DATA_ENV))
+        if named or data.dataset(ds).hub is None or data.offline():
+            try:
+                data.locate(ds, data_dir, download_missing=False)
+            except DataNotFoundError as e:
+                raise UsageError(f"--benchmarks {name!r}: {e}") from None
 
 
 def _local_device_count() -> int:
@@ -206,6 +255,16 @@ def _local_device_count() -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from . import dryrun
+
+        if (args.dtype or PRESETS[args.preset].get("dtype") or "bfloat16") == "bfloat16":
+            from kvjax.memory import native_bf16_analysis
+
+            native_bf16_analysis()  # before the backend starts: bf16 buffers analysed as bf16
+        print(dryrun.render(dryrun.plan(config_from_args(args), device_gib=args.device_gib,
+                                        memory=args.dry_run_memory)))
+        return 0
     cfg = config_from_args(args)
     t0 = time.perf_counter()
     res = runner.run(cfg)

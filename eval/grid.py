@@ -35,13 +35,16 @@ class MethodSpec:
 
 
 def method_specs(methods: Sequence[str], budgets: Sequence[tuple[str, Any]],
-                 policy_opts: Mapping[str, Mapping[str, Any]]) -> list[MethodSpec]:
-    """(method, budget) grid: full once ("-"), every other method at every budget. ``"default"`` = the paper's
-    budget (:data:`PAPER_BUDGETS`) or the policy's own default; the budget sets the method's budget knob."""
+                 policy_opts: Mapping[str, Mapping[str, Any]],
+                 method_budgets: Mapping[str, Sequence[tuple[str, Any]]] | None = None) -> list[MethodSpec]:
+    """(method, budget) grid: full once ("-"), every other method at every budget of ``budgets``, or of
+    ``method_budgets[label or base method]`` when given there. ``"default"`` = the paper's budget
+    (:data:`PAPER_BUDGETS`) or the policy's own default; the budget sets the method's budget knob."""
     from kvjax.policies import make_policy
 
     specs = []
     for name, m, inline in parse_methods(",".join(methods)):
+        own = (method_budgets or {}).get(name, (method_budgets or {}).get(m))
         # "yakv[store_format=none]" is a variant of yakv with its own label; --policy-opt for the base name
         # applies to every variant, for the full label to that variant only, inline options last
         opts = {**policy_opts.get(m, {}), **(policy_opts.get(name, {}) if name != m else {}), **inline}
@@ -51,7 +54,7 @@ def method_specs(methods: Sequence[str], budgets: Sequence[tuple[str, Any]],
             specs.append(MethodSpec("full", "-", None, make_policy("full", **opts)))
             continue
         knob = budget_knob(m)
-        for label, val in budgets:
+        for label, val in (budgets if own is None else own):
             if val is None:  # default
                 val = PAPER_BUDGETS.get(m)
                 if val is None:
@@ -68,6 +71,20 @@ def method_specs(methods: Sequence[str], budgets: Sequence[tuple[str, Any]],
             seen.add((s.method, s.budget))
             out.append(s)
     return out
+
+
+def families_of(method: str, method_families: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """The model families (models.config.FAMILIES) ``method`` (a label, e.g. ``"infinigen"`` or
+    ``"yakv[store_format=none]"``, looked up by label, then by its base method) is limited to; None = every family."""
+    base = parse_methods(method)[0][1]
+    allowed = method_families.get(method, method_families.get(base))
+    return None if allowed is None else list(allowed)
+
+
+def runs_on(method: str, family: str, method_families: Mapping[str, Sequence[str]]) -> bool:
+    """Whether the grid runs ``method`` on a model of ``family`` (:func:`families_of`)."""
+    allowed = families_of(method, method_families)
+    return allowed is None or family in allowed
 
 
 def budget_fraction(spec: MethodSpec, prompt_tokens: int) -> float | None:
@@ -119,4 +136,4 @@ def budget_sort_key(rec_or_row: Mapping[str, Any]) -> tuple:
 
 
 __all__ = ["MethodSpec", "budget_fraction", "budget_sort_key", "equal_memory_specs", "method_specs",
-           "parse_budget"]
+           "families_of", "parse_budget", "runs_on"]

@@ -1,10 +1,15 @@
 """Named starting points of ``kvjax eval`` (``--preset``): models, methods, budgets and benchmark options, and the
-paper's default budgets where they differ from a policy class's own."""
+paper's default budgets where they differ from a policy class's own.
+
+A preset is a dict with ``models``, ``methods``, ``budgets`` (every method at each), ``benchmarks`` ({name:
+options}) and ``recall_every``, and optionally ``method_budgets`` ({method: budgets} replacing ``budgets`` for
+that method), ``method_families`` ({method: model families it runs on}) and ``dtype``; ``--budgets`` on the
+command line replaces ``budgets`` and ``method_budgets`` alike."""
 from __future__ import annotations
 
 from typing import Any
 
-from eval import suite
+from eval import paper, suite
 
 #: The paper's default budgets where they differ from a policy class's own default: YAKV's eval config (1/32) and
 #: ShadowKV's "default 1.5625%" the paper compares against (the class default is 2048 tokens).
@@ -47,14 +52,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "recall_every": 4,
     },
-    # The authors' settings (needs a 128k-context model checkpoint, --models /path/to/checkpoint, and the data).
-    "paper": {
-        "models": ["smollm2-135m"],
-        "methods": ["full", "yakv", "shadowkv"],
-        "budgets": ["default"],
-        "benchmarks": {"text2json": {}, "multineedle": {"context_length": 128_000}, "longproc": {}},
-        "recall_every": 1,
-    },
+    # The authors' evaluation (eval/paper.py: run_cfg.py's benchmarks, each method at the paper's budgets, every
+    # deviation listed there); needs the checkpoints (--models DIR [DIR ...]) and the data (--data-dir).
+    "paper": paper.PRESET,
     # A tokenizer-free smoke test (works with any model, e.g. the tiny HF fixtures).
     "toy": {
         "models": ["smollm2-135m"],

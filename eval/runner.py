@@ -53,7 +53,7 @@ from eval.data import describe as describe_source
 from kvjax.options import UsageError, parse_mesh
 
 from . import summary as summary_mod
-from .grid import MethodSpec, budget_fraction, equal_memory_specs, method_specs
+from .grid import MethodSpec, budget_fraction, equal_memory_specs, method_specs, runs_on
 from .presets import RUNNER_KEYS, TABLE_PREFIX
 from .store import (OutputLock, ResultStore, check_manifest, done_marker, load_records, lock_path, log, merge_parts,
                     part_path, record_key)
@@ -87,6 +87,8 @@ class RunConfig:
     merge_timeout: float = 3600.0
     data_dir: str | None = None
     wait: bool = False
+    method_budgets: dict[str, list[tuple[str, float | int | None]]] = dataclasses.field(default_factory=dict)
+    method_families: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def _table_prefix(sample: Sample) -> str:
@@ -98,7 +100,9 @@ def _table_prefix(sample: Sample) -> str:
 
 
 def build_samples(bench: str, opts: Mapping[str, Any], tok, ctx: int, cfg: RunConfig) -> tuple[list, dict]:
-    """Samples of one benchmark for one model: [(sample, max_new_tokens)], and the load report as a dict."""
+    """Samples of one benchmark for one model: [(sample, max_new_tokens)], and the load report as a dict
+    (summary, too_long ids, malformed count, data source, prompt_tokens: {id: tokens after the chat template,
+    answer prefix not included})."""
     from eval.benchmarks import load
 
     params = {k: v for k, v in opts.items() if k not in RUNNER_KEYS}
@@ -140,7 +144,7 @@ def build_samples(bench: str, opts: Mapping[str, Any], tok, ctx: int, cfg: RunCo
     if no_room:
         text += f"; skipped {len(no_room)} whose prompt + max_new_tokens exceeds the {ctx}-token context"
     return out, {"summary": text, "too_long": report.too_long + no_room, "malformed": report.n_malformed,
-                 "source": report.source}
+                 "source": report.source, "prompt_tokens": report.prompt_tokens}
 
 
 # ------------------------------------------------------------------------------------------------------ the run
@@ -256,6 +260,26 @@ def _read_only_summary(out: pathlib.Path, err: OSError, t_start: float) -> dict[
             "read_only": err.strerror or str(err), "wall_s": time.perf_counter() - t_start}
 
 
+def grid_specs(cfg: RunConfig) -> list[MethodSpec]:
+    """The (method, budget) cells of a run, full attention first (added as the reference when fidelity is on);
+    under ``--equal-memory`` the other methods' cells carry no policy yet (planned per sample)."""
+    specs = method_specs(cfg.methods, cfg.budgets, cfg.policy_opts, cfg.method_budgets)
+    if cfg.equal_memory is not None:
+        variants = [m for m in cfg.methods if "[" in m]
+        if variants:
+            raise UsageError(f"--equal-memory plans each method's own config; variants {variants} are not supported "
+                             f"there (use --policy-opt METHOD.KEY=VALUE)")
+        specs = [s for s in specs if s.method == "full"] + [
+            MethodSpec(m, f"eq{cfg.equal_memory:g}B/tok", None, None) for m in cfg.methods if m != "full"]
+    need_ref = cfg.fidelity or any(s.method == "full" for s in specs)
+    if need_ref and not any(s.method == "full" for s in specs):
+        from kvjax.policies import make_policy
+
+        specs = [MethodSpec("full", "-", None, make_policy("full", **cfg.policy_opts.get("full", {})))] + specs
+    specs.sort(key=lambda sp: sp.method != "full")  # full first: it is the reference of the others
+    return specs
+
+
 def _run_locked(cfg: RunConfig, out: pathlib.Path, pid: int, nproc: int, on_record, t_start: float
                 ) -> dict[str, Any]:
     """The run of :func:`run` once this process holds its lock."""
@@ -283,20 +307,7 @@ def _run_locked(cfg: RunConfig, out: pathlib.Path, pid: int, nproc: int, on_reco
         devices = jax.local_devices()
         mesh = make_mesh(*parse_mesh(cfg.mesh or "1x1", len(devices)), devices=devices)
     dtype = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    specs = method_specs(cfg.methods, cfg.budgets, cfg.policy_opts)
-    if cfg.equal_memory is not None:
-        variants = [m for m in cfg.methods if "[" in m]
-        if variants:
-            raise UsageError(f"--equal-memory plans each method's own config; variants {variants} are not supported "
-                             f"there (use --policy-opt METHOD.KEY=VALUE)")
-        specs = [s for s in specs if s.method == "full"] + [
-            MethodSpec(m, f"eq{cfg.equal_memory:g}B/tok", None, None) for m in cfg.methods if m != "full"]
-    need_ref = cfg.fidelity or any(s.method == "full" for s in specs)
-    if need_ref and not any(s.method == "full" for s in specs):
-        from kvjax.policies import make_policy
-
-        specs = [MethodSpec("full", "-", None, make_policy("full", **cfg.policy_opts.get("full", {})))] + specs
-    specs.sort(key=lambda sp: sp.method != "full")  # full first: it is the reference of the others
+    specs = grid_specs(cfg)
     counter = [0]
     status = "failed"
     try:
@@ -346,9 +357,10 @@ def _run_locked(cfg: RunConfig, out: pathlib.Path, pid: int, nproc: int, on_reco
     return result
 
 
-def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: str, pid: int, nproc: int,
+def _run_models(cfg: RunConfig, store: ResultStore, all_specs: list, mesh, dtype: str, pid: int, nproc: int,
                 on_record, counter: list) -> None:
-    """The grid loop of :func:`run` over this process's samples of every model; counter[0] counts new records."""
+    """The grid loop of :func:`run` over this process's samples of every model (the methods that run on its family,
+    :func:`eval.grid.runs_on`); counter[0] counts new records."""
     from tqdm import tqdm
 
     import numpy as np
@@ -367,6 +379,7 @@ def _run_models(cfg: RunConfig, store: ResultStore, specs: list, mesh, dtype: st
         except ValueError as e:  # models.weights.WeightError (a checkpoint that cannot be read), or no usable tokenizer
             raise UsageError(f"--models {model!r}: {e}") from None
         stop_ids = tuple(tok.stop_ids())
+        specs = [sp for sp in all_specs if runs_on(sp.method, lm.config.family, cfg.method_families)]
         base = Engine(lm, policy="full", mesh=mesh)
         full_policy = make_policy("full")
 

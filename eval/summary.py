@@ -97,6 +97,25 @@ def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out).lstrip("\n") + "\n"
 
 
+def paper_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The layout of the paper's main table: one row per (model, method, budget) in the order of
+    :func:`summarize`, one column per benchmark (sorted by name, as :func:`summarize` orders them), each cell the mean primary score ×100
+    over the finished samples ("–": no finished sample)."""
+    benches = list(dict.fromkeys(str(r["benchmark"]) for r in rows))
+    cells: dict[tuple, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: (str(r["model"]),) + budget_sort_key(r)):
+        cells.setdefault((r["model"], r["method"], r["budget"]), {})[str(r["benchmark"])] = r["score"]
+    head = ["model", "method", "budget"] + benches
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (model, method, budget), by_bench in cells.items():
+        vals = []
+        for b in benches:
+            v = by_bench.get(b)
+            vals.append("–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}")
+        out.append("| " + " | ".join([str(model), str(method), str(budget)] + vals) + " |")
+    return "\n".join(out) + "\n"
+
+
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pathlib.Path:
     path = pathlib.Path(path)
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -204,8 +223,9 @@ def sources_line(records: Sequence[Mapping[str, Any]]) -> str:
 
 def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, plots: bool = True
                   ) -> tuple[str, list[dict]]:
-    """summary.md, summary.csv, paired.csv (:mod:`eval.compare`, when two methods share a budget) and plots/ for
-    ``records`` under ``out_dir``; returns (markdown, rows)."""
+    """summary.md, summary.csv, paper_table.md (:func:`paper_table`, every run: it costs nothing), paired.csv
+    (:mod:`eval.compare`, when two methods share a budget) and plots/ for ``records`` under ``out_dir``; returns
+    (markdown, rows)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, rows, pairs = render(records)
@@ -219,9 +239,13 @@ def write_summary(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
         md += "\n" + sources + "\n"
     (out_dir / "summary.md").write_text(md + NOTES, encoding="utf-8")
     write_csv(rows, out_dir / "summary.csv")
+    if rows:
+        (out_dir / "paper_table.md").write_text(
+            "Task score ×100 (Text2JSON IoU, MultiNeedle needles found, LongProc F1), mean over the finished "
+            "samples; rows: model × method (budget), columns: benchmarks.\n\n" + paper_table(rows), encoding="utf-8")
     if plots and rows:
         plot(rows, out_dir / "plots")
     return md, rows
 
 
-__all__ = ["COLUMNS", "NOTES", "plot", "render", "sources_line", "summarize", "to_markdown", "write_csv", "write_summary"]
+__all__ = ["COLUMNS", "NOTES", "paper_table", "plot", "render", "sources_line", "summarize", "to_markdown", "write_csv", "write_summary"]

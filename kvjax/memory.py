@@ -159,20 +159,19 @@ def abstract_params(mcfg, dtype, mesh=None) -> dict:
     return out
 
 
-def stage_memory(mcfg, policy, prompt_tokens: int, batch: int, dtype="bfloat16", max_new: int = 64,
-                 chunk: int = 512, offload_hidden: bool = False) -> dict[str, ProgramMemory]:
-    """Compiled memory of the two stages of a run, from abstract inputs only (compile, no allocation):
-    ``"prefill"`` (the layer-by-layer prefill that builds the policy state, :func:`kvjax.prefill.prefill`) and
-    ``"decode"`` (one decode step, :func:`kvjax.decode.decode_step`, state donated). The prompt bucket is
-    ``prompt_tokens`` rounded up to a power of two, as the engine pads."""
+def _abstract_prefill(mcfg, policy, prompt_tokens: int, batch: int, dtype, max_new: int, chunk: int,
+                      offload_hidden: bool):
+    """The prefill of :func:`stage_memory` on abstract inputs: ``(mcfg, run, args, state, shardings)`` with
+    ``run(*args)`` the prefill function (its context raised to fit the prompt), ``state`` the policy state it
+    builds as ShapeDtypeStructs with their shardings (``jax.eval_shape``: traced, nothing compiled) and
+    ``shardings`` that state's sharding tree."""
     import functools
 
     import jax.numpy as jnp
 
     from . import cache as cache_mod
-    from . import decode as decode_mod
-    from .compat import HOST_MEMORY_KIND
     from . import prefill as prefill_mod
+    from .compat import HOST_MEMORY_KIND
     from .engine import generation_bucket
     from .policies.base import bucket_size
 
@@ -191,9 +190,25 @@ def stage_memory(mcfg, policy, prompt_tokens: int, batch: int, dtype="bfloat16",
     run = lambda p, x, l, e: fn(p, x=x, lengths=l, extras=(e,))  # noqa: E731
     _, (abstract,) = jax.eval_shape(run, params, x, lens, extra)
     shard = cache_mod.state_shardings(abstract, None, mcfg, policy)
-    pre = jax.jit(run, out_shardings=(dev, (shard,)), donate_argnums=(1,) if offload_hidden else ())
-    out = {"prefill": program_memory(pre, (params, x, lens, extra), weights=params)}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+    return mcfg, run, (params, x, lens, extra), state, shard
+
+
+def stage_memory(mcfg, policy, prompt_tokens: int, batch: int, dtype="bfloat16", max_new: int = 64,
+                 chunk: int = 512, offload_hidden: bool = False) -> dict[str, ProgramMemory]:
+    """Compiled memory of the two stages of a run, from abstract inputs only (compile, no allocation):
+    ``"prefill"`` (the layer-by-layer prefill that builds the policy state, :func:`kvjax.prefill.prefill`) and
+    ``"decode"`` (one decode step, :func:`kvjax.decode.decode_step`, state donated). The prompt bucket is
+    ``prompt_tokens`` rounded up to a power of two, as the engine pads."""
+    from . import decode as decode_mod
+    from . import prefill as prefill_mod
+
+    mcfg, run, args, state, shard = _abstract_prefill(mcfg, policy, prompt_tokens, batch, dtype, max_new, chunk,
+                                                      offload_hidden)
+    params, _, lens, _ = args
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    pre = jax.jit(run, out_shardings=(dev, (shard,)), donate_argnums=(1,) if offload_hidden else ())
+    out = {"prefill": program_memory(pre, args, weights=params)}
 
     def step(p, st, tok, pos):
         st = prefill_mod.place_host_fields(policy, st)  # a ShapeDtypeStruct input has a device aval (JAX 0.10)
@@ -205,5 +220,20 @@ def stage_memory(mcfg, policy, prompt_tokens: int, batch: int, dtype="bfloat16",
     return out
 
 
+def state_memory(mcfg, policy, prompt_tokens: int, batch: int = 1, dtype="bfloat16", max_new: int = 64,
+                 chunk: int = 512) -> dict:
+    """The analytic estimate beside :func:`stage_memory`: the policy's ``memory_report`` on the state the prefill
+    builds for ``batch`` prompts of ``prompt_tokens`` tokens (traced with ``jax.eval_shape``: nothing compiled or
+    allocated) and the weights' bytes. Activations and XLA temporaries are not included, so it is a lower bound
+    of the device peak. Returns ``{"device_bytes", "host_bytes", "weights_bytes", "report"}`` (bytes; host =
+    every non-device memory kind)."""
+    _, _, args, state, _ = _abstract_prefill(mcfg, policy, prompt_tokens, batch, dtype, max_new, chunk, False)
+    rep = policy.memory_report(state, [prompt_tokens] * batch)
+    kinds = rep["by_kind"]
+    return {"device_bytes": int(kinds.get(DEVICE_MEMORY_KIND, 0)),
+            "host_bytes": int(sum(v for k, v in kinds.items() if k != DEVICE_MEMORY_KIND)),
+            "weights_bytes": tree_bytes(args[0]), "report": rep}
+
+
 __all__ = ["CPU_BF16_UPCAST_PASSES", "DeviceMemoryError", "ProgramMemory", "abstract_params", "native_bf16_analysis", "device_bytes_available", "explain_oom",
-           "leaf_kind", "program_memory", "stage_memory", "tree_bytes"]
+           "leaf_kind", "program_memory", "stage_memory", "state_memory", "tree_bytes"]

@@ -101,12 +101,13 @@ def load_model(name_or_path: str, dtype="bfloat16", mesh=None, config_overrides:
     """
     dt = resolve_dtype(dtype)
     kind, path = resolve_source(name_or_path)
-    if kind == "bundled":
-        return _load_gguf(path, dt, mesh, name=name_or_path.lower())
-    if kind == "gguf":
-        return _load_gguf(path, dt, mesh)
+    if kind in ("bundled", "gguf"):
+        reader = open_gguf(path)
+        cfg, tok = _gguf_meta(reader, path, name_or_path.lower() if kind == "bundled" else "")
+        return _finish(cfg, load_gguf_params(reader, cfg, dt, mesh), dt, tok, path, mesh)
     if kind == "orbax":
-        return _load_orbax(path, dt, mesh)
+        cfg, tok = _orbax_meta(path)
+        return _finish(cfg, load_orbax_params(path, cfg, dt, mesh), dt, tok, path, mesh)
     cfg = ModelConfig.from_hf(path)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
@@ -115,34 +116,56 @@ def load_model(name_or_path: str, dtype="bfloat16", mesh=None, config_overrides:
     return _finish(cfg, params, dt, tok, path, mesh)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelMeta:
+    """A model without its weights: its config, its tokenizer (None when the checkpoint has none), where it was
+    found (:func:`resolve_source`'s kind and path)."""
+
+    config: ModelConfig
+    tokenizer: TextTokenizer | None
+    kind: str
+    path: str
+
+
+def inspect_model(name_or_path: str) -> ModelMeta:
+    """The config and tokenizer of a model as :func:`load_model` would read them, without reading any weight: a
+    HF dir needs only ``config.json`` (and ``tokenizer.json`` / ``tokenizer_config.json`` for a tokenizer), a
+    GGUF file is read for its metadata only, an orbax dir for ``kvjax_config.json``. Raises as
+    :func:`resolve_source`, and ``ValueError`` for a config kvjax does not implement."""
+    kind, path = resolve_source(name_or_path)
+    if kind in ("bundled", "gguf"):
+        cfg, tok = _gguf_meta(open_gguf(path), path, name_or_path.lower() if kind == "bundled" else "")
+    elif kind == "orbax":
+        cfg, tok = _orbax_meta(path)
+    else:
+        cfg = ModelConfig.from_hf(path)
+        tok = tokenizer_from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
+    return ModelMeta(cfg, tok, kind, path)
+
+
 def _finish(cfg, params, dt, tok, source, mesh) -> LoadedModel:
     model = Transformer(cfg, dtype=dt, params=params)
     return LoadedModel(cfg, model, tok, source, mesh)
 
 
-def _load_gguf(path: str, dt, mesh, name: str = "") -> LoadedModel:
-    reader = open_gguf(path)
+def _gguf_meta(reader, path: str, name: str = "") -> tuple[ModelConfig, TextTokenizer | None]:
+    """Config and tokenizer from an open GGUF file's metadata (no tensor data is read)."""
     fields = gguf_field_values(reader)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = ModelConfig.from_gguf_fields(fields, has_output, name=name or os.path.basename(path))
-    params = load_gguf_params(reader, cfg, dt, mesh)
     tok = tokenizer_from_gguf_fields(fields) if "tokenizer.ggml.tokens" in fields else None
-    return _finish(cfg, params, dt, tok, path, mesh)
+    return cfg, tok
 
 
-def _load_orbax(path: str, dt, mesh) -> LoadedModel:
+def _orbax_meta(path: str) -> tuple[ModelConfig, TextTokenizer | None]:
+    """Config and tokenizer of a kvjax orbax checkpoint (``kvjax_config.json`` and its tokenizer source)."""
     meta = read_orbax_meta(path)
     c = dict(meta["model_config"])
     if c.get("rope_scaling"):
         c["rope_scaling"] = RopeScaling(**c["rope_scaling"])
     c["eos_token_ids"] = tuple(c.get("eos_token_ids", ()))
-    cfg = ModelConfig(**c)
-    params = load_orbax_params(path, cfg, dt, mesh)
-    tok = None
     src = meta.get("tokenizer_source")
-    if src:
-        tok = load_tokenizer_from_source(src)
-    return _finish(cfg, params, dt, tok, path, mesh)
+    return ModelConfig(**c), (load_tokenizer_from_source(src) if src else None)
 
 
 def load_tokenizer_from_source(src: str) -> TextTokenizer | None:
