@@ -127,7 +127,8 @@ def build_samples(bench: str, opts: Mapping[str, Any], tok, ctx: int, cfg: RunCo
     # the prompt must leave room for the generated tokens inside the model's context
     limit = ctx - (cap or 1)
     max_prompt = min(max_prompt, limit) if max_prompt else limit
-    samples, report = load(bench, count_tokens=count, max_prompt_tokens=max_prompt, **params)
+    samples, report = load(bench, count_tokens=count, max_prompt_tokens=max_prompt, max_samples=cfg.max_samples,
+                           **params)
     prefix = opts.get("answer_prefix")
     out, no_room = [], []
     for s in samples:

@@ -68,7 +68,8 @@ class SkipReport:
     n_built: samples produced by the loader/generator (after malformed-record skipping).
     malformed: one message per skipped malformed record (file, line or index, reason).
     too_long: ids of samples whose chat-templated prompt exceeded `max_prompt_tokens` (not truncated, skipped).
-    prompt_tokens: id -> token count, for every built sample, when a `count_tokens` callable was given.
+    prompt_tokens: id -> token count, for every sample looked at, when a `count_tokens` callable was given.
+    not_read: samples left unread because `max_samples` were already kept.
     """
 
     benchmark: str
@@ -78,6 +79,7 @@ class SkipReport:
     max_prompt_tokens: int | None = None
     prompt_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    not_read: int = 0
 
     @property
     def n_malformed(self) -> int:
@@ -89,7 +91,7 @@ class SkipReport:
 
     @property
     def n_kept(self) -> int:
-        return self.n_built - self.n_too_long
+        return self.n_built - self.n_too_long - self.not_read
 
     def summary(self) -> str:
         s = f"{self.benchmark}: kept {self.n_kept} of {self.n_built} built samples"
@@ -97,6 +99,8 @@ class SkipReport:
             s += f"; skipped {self.n_malformed} malformed record(s)"
         if self.too_long:
             s += f"; skipped {self.n_too_long} over max_prompt_tokens={self.max_prompt_tokens}"
+        if self.not_read:
+            s += f"; {self.not_read} more not read (--max-samples)"
         return s
 
 
@@ -174,7 +178,7 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 def load(name: str, *, count_tokens: CountTokens | None = None, max_prompt_tokens: int | None = None,
-         **params) -> tuple[list[Sample], SkipReport]:
+         max_samples: int | None = None, **params) -> tuple[list[Sample], SkipReport]:
     """Build benchmark `name` with `params` and drop samples longer than `max_prompt_tokens`.
 
     Args:
@@ -183,6 +187,8 @@ def load(name: str, *, count_tokens: CountTokens | None = None, max_prompt_token
         Needed when `max_prompt_tokens` is given; when given alone, every sample's length is still recorded.
         Benchmarks with `uses_count_tokens = True` (the Text2JSON generator) also receive it in `build`.
       max_prompt_tokens: samples whose count exceeds it are skipped (counted in the report), never truncated.
+      max_samples: stop after this many kept samples (the rest are neither counted nor returned), so a capped run
+        of a long benchmark does not tokenize every prompt.
       **params: passed to the benchmark's `build` (split, n_samples, context_length, …). `data_dir` is taken
         out and resolved with `eval.data.resolve_source` (benchmarks that read data get the resolved root; it is
         ignored by generated ones).
@@ -202,26 +208,32 @@ def load(name: str, *, count_tokens: CountTokens | None = None, max_prompt_token
     report = SkipReport(benchmark=name, n_built=len(samples), malformed=list(malformed),
                         max_prompt_tokens=max_prompt_tokens, source=source)
     if count_tokens is not None:
-        samples, too_long, lengths = filter_by_length(samples, count_tokens, max_prompt_tokens)
+        samples, too_long, lengths = filter_by_length(samples, count_tokens, max_prompt_tokens, max_samples)
         report.too_long = too_long
         report.prompt_tokens = lengths
+        report.not_read = report.n_built - len(lengths)
         if too_long:
             warnings.warn(f"{name}: skipped {len(too_long)} sample(s) over max_prompt_tokens={max_prompt_tokens} "
                           f"(not truncated): {too_long[:5]}", stacklevel=2)
+    elif max_samples is not None:
+        report.not_read = max(0, len(samples) - max_samples)
+        samples = samples[:max_samples]
     return samples, report
 
 
-def filter_by_length(samples: Iterable[Sample], count_tokens: CountTokens, max_prompt_tokens: int | None
-                     ) -> tuple[list[Sample], list[str], dict[str, int]]:
+def filter_by_length(samples: Iterable[Sample], count_tokens: CountTokens, max_prompt_tokens: int | None,
+                     max_kept: int | None = None) -> tuple[list[Sample], list[str], dict[str, int]]:
     """Split samples by chat-templated prompt length.
 
     Returns (kept samples, ids of samples with count_tokens(user_text) > max_prompt_tokens, id -> token count).
-    `max_prompt_tokens=None` keeps everything and only measures.
+    `max_prompt_tokens=None` keeps everything and only measures; `max_kept` stops once that many are kept.
     """
     if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens!r}, allowed: int >= 1 tokens, or None")
     kept, too_long, lengths = [], [], {}
     for s in samples:
+        if max_kept is not None and len(kept) >= max_kept:
+            break
         n = int(count_tokens(s.user_text))
         lengths[s.id] = n
         if max_prompt_tokens is not None and n > max_prompt_tokens:

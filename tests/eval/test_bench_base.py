@@ -87,3 +87,21 @@ def test_simple_codec_roundtrip(text):
 
 def test_simple_codec_counts_words_and_punctuation():
     assert count_simple_tokens("Hello, world!") == 5  # Hello , ␠ world !
+
+
+def test_max_samples_stops_counting_once_enough_are_kept():
+    """load(max_samples=N): the token counter sees only the samples up to the N-th kept one (over-long ones are
+    still skipped, not counted as kept), and the report says how many were left unread."""
+    from eval.benchmarks import load
+
+    seen = []
+
+    def count(text):
+        seen.append(text)
+        return 10_000 if len(seen) == 2 else 10  # the second sample is too long
+
+    samples, rep = load("toy_retrieval", count_tokens=count, max_prompt_tokens=1000, max_samples=2, n_samples=6,
+                        n_pairs=4)
+    assert len(samples) == 2 and len(seen) == 3 and rep.too_long == [rep.too_long[0]]
+    assert rep.n_built == 6 and rep.not_read == 3 and rep.n_kept == 2
+    assert "3 more not read" in rep.summary()
