@@ -12,7 +12,7 @@
 # 3. score: `kvjax bench score --shape paper --lengths 32768,131072`;
 # 4. decode: `kvjax bench decode --shape llama-3.1-8b-instruct --dtype bfloat16` at 32768 and 131072 tokens for
 #    full,yakv,yakv-serving,shadowkv (one process per length; a failed length is retried method by method);
-# 5. memory: `kvjax bench memory` when that command exists;
+# 5. memory: `kvjax bench memory` at the decode shape, dtype and lengths (compile only);
 # 6. control: `full` at the longest length with KVJAX_KERNELS=reference (XLA's attention instead of the kernel), so
 #    the full-attention baseline is known both ways;
 # and writes OUTDIR/{check.json, summary.md, kernels.xml, score.json, decode_<T>.json, memory.json, logs/}.
@@ -179,15 +179,9 @@ if want decode; then
 fi
 
 if want memory; then
-  if "${CLI[@]}" memory --help > "$OUT/logs/memory_help.txt" 2>&1; then
-    MEM_ARGS=()
-    grep -q -- "--shape" "$OUT/logs/memory_help.txt" && MEM_ARGS+=(--shape "$DEC_SHAPE")
-    grep -q -- "--json" "$OUT/logs/memory_help.txt" && MEM_ARGS+=(--json "$OUT/memory.json")
-    run memory 90 "${CLI[@]}" memory ${MEM_ARGS[@]+"${MEM_ARGS[@]}"} || FAILED=1
-  else
-    log "memory: 'kvjax bench memory' does not exist here; skipped"
-    printf 'memory\t0\t0\tnot available\n' >> "$STATUS"
-  fi
+  # compile-only: the decode lengths, the decode shape and dtype (8 programs on the device shape)
+  run memory 150 "${CLI[@]}" memory --shape "$DEC_SHAPE" --dtype "$DEC_DTYPE" --lengths "${DEC_LENGTHS// /,}" \
+      --methods "$METHODS" --json "$OUT/memory.json" || FAILED=1
 fi
 
 if want decode; then

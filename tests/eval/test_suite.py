@@ -85,7 +85,7 @@ def _copy_package(dst: pathlib.Path) -> None:
 
 @pytest.mark.slow
 def test_first_run_on_a_fresh_machine_needs_no_data_and_no_network(tmp_path):
-    """`python -m kvjax.cli eval --max-samples 1 --max-new-tokens 4` from a copy of the package, KVJAX_DATA unset, HF_HUB_OFFLINE=1,
+    """`python -m kvjax.cli eval --max-samples 1` (short) from a copy of the package, KVJAX_DATA unset, HF_HUB_OFFLINE=1,
     an empty HOME: one record per (benchmark, default method), none failed, every one saying it was generated."""
     pkg = tmp_path / "pkg"
     _copy_package(pkg)
@@ -93,10 +93,11 @@ def test_first_run_on_a_fresh_machine_needs_no_data_and_no_network(tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("KVJAX_DATA", "XDG_CACHE_HOME", "PYTHONPATH")}
     env.update(PYTHONPATH=str(pkg), HF_HUB_OFFLINE="1", HOME=str(tmp_path / "home"))
-    # 4 new tokens per sample: what is checked is where the data came from and that every method ran
+    # what is checked is where the data came from and that every default method ran: 4 new tokens, no fidelity
+    # measurement, and the generated MultiNeedle at the others' length (one prompt bucket, one compile per stage)
     p = subprocess.run([sys.executable, "-m", "kvjax.cli", "eval", "--max-samples", "1", "--max-new-tokens", "4",
-                        "--no-progress", "--no-plots"], cwd=work, env=env, capture_output=True, text=True,
-                       timeout=3000)
+                        "--no-fidelity", "--bench-opt", "multineedle_synth.target_tokens=1500", "--no-progress",
+                        "--no-plots"], cwd=work, env=env, capture_output=True, text=True, timeout=3000)
     assert p.returncode == 0, p.stderr[-3000:]
     out = work / "runs" / "default"
     recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -45,6 +45,8 @@ def test_dry_run_passes_and_reports(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## Decode step" in summary and "**PASSED**" in summary
     assert json.loads((out / "decode_2560.json").read_text())["rows"]
+    mem = json.loads((out / "memory.json").read_text())["rows"]  # the decode length, not bench memory's default
+    assert steps["memory"]["rc"] == "0" and {r["prompt_tokens"] for r in mem} == {2560}
 
 
 @pytest.mark.slow
