@@ -21,6 +21,20 @@ def run_steps(eng, prompts, steps=5, max_new=64):
     return np.stack(out, 1), np.stack(lg, 1), sess.state
 
 
+def tiny_setup(cfg, lens, steps):
+    """(full-attention engine of a seed-0 random model of ``cfg``, seed-0 random prompts of ``lens`` tokens,
+    :func:`run_steps` of full attention on them): the shared start of the policy tests on tiny models."""
+    import kvjax
+    import models
+    from flax import nnx
+
+    lm = models.LoadedModel(cfg, models.Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), None)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in lens]
+    eng = kvjax.Engine(lm, policy="full")
+    return eng, prompts, run_steps(eng, prompts, steps=steps)
+
+
 def own(eng, policy):
     """An engine on the same model that runs ``policy``'s own machinery even on prompts it would not prune
     (``exact_fallback=False``): the tests of selection and whole-prompt budgets use it."""

@@ -5,17 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kvjax
-import models
 from kvjax.policies import make_policy
 from kvjax.policies.arkvale import ArkValePolicy, page_bound, page_digests
 from kvjax.policies.quest import QuestPolicy
 from models import ModelConfig
-from policy_steps import lower_step_for_tpu, own, run_steps, smollm2_greedy_vs_full
+from policy_steps import lower_step_for_tpu, own, run_steps, smollm2_greedy_vs_full, tiny_setup
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -25,12 +23,7 @@ LENS = (250, 90)  # ragged batch, one prompt bucket (256)
 # ----------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def tiny():
-    model = models.Transformer(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    lm = models.LoadedModel(TINY, model, None)
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(0, TINY.vocab_size, n)) for n in LENS]
-    eng = kvjax.Engine(lm, policy="full")
-    return eng, prompts, run_steps(eng, prompts, steps=6)
+    return tiny_setup(TINY, LENS, steps=6)
 
 
 

@@ -9,17 +9,14 @@
   attention, with a notice.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import kvjax
-import models
 from kvjax.memory import leaf_kind
 from kvjax.policies import make_policy
 from models import ModelConfig
-from policy_steps import run_steps
+from policy_steps import run_steps, tiny_setup
 
 TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -49,12 +46,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = models.Transformer(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    lm = models.LoadedModel(TINY, model, None)
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(0, TINY.vocab_size, n)) for n in LENS]
-    eng = kvjax.Engine(lm, policy="full")
-    return eng, prompts, run_steps(eng, prompts, steps=5)
+    return tiny_setup(TINY, LENS, steps=5)
 
 
 def test_every_policy_is_covered():
