@@ -171,7 +171,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.device_gib is not None and not args.device_gib > 0:
         raise UsageError(f"--device-gib={args.device_gib:g}, allowed: > 0 GiB of device memory")
     try:
-        data.find("needlebench", args.data_dir)  # raises when --data-dir / $KVJAX_DATA names no folder
+        data.named_root(args.data_dir)  # --data-dir / $KVJAX_DATA must name an existing folder
         if not benches:  # the default preset runs kvjax's default suite: real data where found, else generated
             benches = list(suite.default_benchmarks(args.data_dir) if args.preset == "default"
                            else preset["benchmarks"])

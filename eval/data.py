@@ -161,7 +161,7 @@ def _located(ds: Dataset, root: pathlib.Path, kind: str, via: str) -> Located:
     return Located(ds.name, root, kind, via, m.get("repo"), m.get("revision"))
 
 
-def _named_root(data_dir: str | os.PathLike | None) -> tuple[pathlib.Path, str] | None:
+def named_root(data_dir: str | os.PathLike | None) -> tuple[pathlib.Path, str] | None:
     """The folder the user named (``--data-dir`` first, then $KVJAX_DATA), or None; raises if it does not exist."""
     if data_dir is not None:
         root, via = pathlib.Path(data_dir).expanduser(), "--data-dir"
@@ -180,7 +180,7 @@ def find(name: str, data_dir: str | os.PathLike | None = None) -> Located | None
     """Where dataset `name` is without downloading it: the named folder (``--data-dir``, else $KVJAX_DATA) when
     given, else kvjax's cache; None when it is not there."""
     ds = dataset(name)
-    named = _named_root(data_dir)
+    named = named_root(data_dir)
     if named is not None:
         root, via = named
         return _located(ds, root, "local", via) if is_present(ds, root) else None
@@ -205,7 +205,7 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, *, download_mis
     """Where dataset `name` (or the dataset of benchmark `name`) is, in the order of the module docstring;
     downloads it into kvjax's cache when allowed. Raises :class:`DataNotFoundError` saying where it looked."""
     ds = dataset(name)
-    named = _named_root(data_dir)
+    named = named_root(data_dir)
     if named is not None:
         root, via = named
         if is_present(ds, root):
@@ -354,5 +354,5 @@ def describe(source: Mapping[str, Any] | None) -> str:
 
 
 __all__ = ["DATASETS", "DATA_ENV", "DataNotFoundError", "Dataset", "DownloadError", "HubSource", "Located",
-           "cache_root", "dataset", "dataset_files", "describe", "download", "find", "is_present",
+           "cache_root", "dataset", "dataset_files", "named_root", "describe", "download", "find", "is_present",
            "locate", "offline", "read_manifest", "resolve_source"]

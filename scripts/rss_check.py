@@ -2,8 +2,11 @@
 import resource, sys, time
 import numpy as np
 import models, kvjax
+if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and not sys.argv[2].isdigit()):
+    sys.exit("usage: python scripts/rss_check.py METHOD [TOKENS]  (METHOD: a kvjax policy, e.g. full or yakv; "
+             "TOKENS: prompt length, default 8000)")
 method = sys.argv[1]
-T = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
+T = int(sys.argv[2]) if len(sys.argv) > 2 else 8000
 lm = models.load_model("smollm2-135m", dtype="float32")
 eng = kvjax.Engine(lm, policy=method)
 rng = np.random.default_rng(0)
