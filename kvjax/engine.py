@@ -26,7 +26,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models.config import ModelConfig
-from models.transformer import embed_tokens
+from models.transformer import embed_tokens, per_layer_params
 
 from . import cache as cache_mod
 from .compat import DEVICE_MEMORY_KIND, HOST_MEMORY_KIND
@@ -173,7 +173,7 @@ class Session:
         donate = self._owners.n == 1
         fn = eng.step_program(self.state, recall=recall, donate=donate)
         probe = RecallProbe(self.exact_keys, eng.put(self.lengths), jnp.bool_(measure)) if recall else None
-        logits, nxt, state, rec = fn(eng.params, self.state, eng.put(np.asarray(tokens, np.int32)),
+        logits, nxt, state, rec = fn(eng.decode_params, self.state, eng.put(np.asarray(tokens, np.int32)),
                                      eng.put(self.pos), Sampler.of(sampling, key), probe)
         if not donate:  # this session now owns a fresh state; the other holder keeps the old one
             self._owners.n -= 1
@@ -207,10 +207,17 @@ class Engine:
     on the device), for the longest prompts. ``exact_fallback`` (default) decodes prompts a policy cannot prune
     (:meth:`Policy.prunable`) with full attention; False runs the policy's own machinery on them anyway (tests of a
     whole-prompt budget use that).
+
+    ``per_layer_decode`` makes the decode step read each layer's weights from its own buffer
+    (:func:`models.transformer.per_layer_params`): on the CPU backend a scan over layer-stacked weights copies every
+    layer's slice per step, so this makes CPU decode about twice as fast at the price of a second copy of the layer
+    weights in host memory. None (default): on when the default backend is the CPU; prefill always reads the
+    stacked weights.
     """
 
     def __init__(self, lm, policy: str | Policy = "full", mesh=None, prefill_chunk: int = 512,
-                 min_prompt_bucket: int = 128, offload_hidden: bool = False, exact_fallback: bool = True):
+                 min_prompt_bucket: int = 128, offload_hidden: bool = False, exact_fallback: bool = True,
+                 per_layer_decode: bool | None = None):
         if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two")
         self.lm = lm
@@ -222,6 +229,7 @@ class Engine:
         self.min_prompt_bucket = min_prompt_bucket
         self.offload_hidden = offload_hidden
         self.exact_fallback = exact_fallback
+        self.per_layer_decode = jax.default_backend() == "cpu" if per_layer_decode is None else per_layer_decode
         self._jits: dict = {}  # shared by with_policy() engines: keys carry the policy
         self._extras: dict = {}
         self.last_session: Session | None = None
@@ -234,6 +242,12 @@ class Engine:
         eng.policy = make_policy(policy)
         eng.last_session = None
         return eng
+
+    @property
+    def decode_params(self) -> dict:
+        """The parameters the decode programs take: :attr:`params`, plus per-layer buffers with
+        ``per_layer_decode``."""
+        return per_layer_params(self.params, self.cfg) if self.per_layer_decode else self.params
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         tok = self.lm.tokenizer
@@ -515,8 +529,9 @@ class Engine:
         stops[:len(stop_ids)] = stop_ids
         fn = sess.engine._loop_jit(sess.state, gb, False)
         args = (first, self.put(sess.lengths), sampler, jnp.asarray(stops), jnp.int32(max_new))
-        with memory_mod.explain_oom("decode", fn, self.params, sess.state, *args):
-            toks, n, reason, state, _ = fn(self.params, sess.state, *args)
+        params = self.decode_params
+        with memory_mod.explain_oom("decode", fn, params, sess.state, *args):
+            toks, n, reason, state, _ = fn(params, sess.state, *args)
         sess.state = state
         toks, n, reason = np.asarray(toks), np.asarray(n), np.asarray(reason)
         out = [toks[b, :n[b]].tolist() for b in range(len(n))]

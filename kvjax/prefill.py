@@ -112,6 +112,13 @@ def _layer_attention_tpu(q, k, v, lengths):
 
 
 # ----------------------------------------------------------------------------- one layer over the prompt
+def _live_chunks(lengths, chunk: int):
+    """Number of prompt chunks holding a real token of some sequence (traced int32): chunks wholly in the bucket's
+    right padding are skipped, so their K/V rows stay zero and their hidden states are the embeddings (every
+    reader masks rows at or beyond ``lengths``)."""
+    return (jnp.max(lengths) + chunk - 1) // chunk
+
+
 def _read(x, start, chunk, on_host):
     xc = jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
     return jax.device_put(xc, jax.memory.Space.Device) if on_host else xc
@@ -148,7 +155,7 @@ def _layer_interleaved(params, cfg, lp, layer, x, lengths, chunk, keep_q, on_hos
         out = layer_finish(lp, cfg, xc, att, layer=layer, params=params)
         return _write(x, out, start, on_host), kb, vb, qb
 
-    return jax.lax.fori_loop(0, Tb // chunk, body, (x, kb, vb, qb))
+    return jax.lax.fori_loop(0, _live_chunks(lengths, chunk), body, (x, kb, vb, qb))
 
 
 def _layer_whole(attention, params, cfg, lp, layer, x, lengths, chunk, keep_q, on_host):
@@ -170,7 +177,8 @@ def _layer_whole(attention, params, cfg, lp, layer, x, lengths, chunk, keep_q, o
                 jax.lax.dynamic_update_slice_in_dim(kb, k.transpose(0, 2, 1, 3), start, axis=2),
                 jax.lax.dynamic_update_slice_in_dim(vb, v.transpose(0, 2, 1, 3), start, axis=2))
 
-    qa, kb, vb = jax.lax.fori_loop(0, Tb // chunk, qkv, (qa, kb, vb))
+    n = _live_chunks(lengths, chunk)
+    qa, kb, vb = jax.lax.fori_loop(0, n, qkv, (qa, kb, vb))
     att = attention(qa, kb, vb, lengths)
 
     def finish(c, x):
@@ -179,7 +187,7 @@ def _layer_whole(attention, params, cfg, lp, layer, x, lengths, chunk, keep_q, o
         ac = jax.lax.dynamic_slice_in_dim(att, start, chunk, axis=1)
         return _write(x, layer_finish(lp, cfg, xc, ac, layer=layer, params=params), start, on_host)
 
-    x = jax.lax.fori_loop(0, Tb // chunk, finish, x)
+    x = jax.lax.fori_loop(0, n, finish, x)
     return x, kb, vb, (qa.transpose(0, 2, 1, 3) if keep_q else None)
 
 

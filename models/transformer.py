@@ -13,6 +13,8 @@ Qwen3's k-norm and before RoPE).
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -270,18 +272,65 @@ def run_layers_carry(params: Params, cfg: ModelConfig, x: jax.Array, positions: 
     outputs, and read-only leaves (the host store) pass through without a copy.
     """
     cos, sin = rope_tables(cfg, positions)
+
+    def qkv(lp, h):
+        hn = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+        return (hn, *layer_qkv(lp, cfg, h, cos, sin, hn))
+
+    per_layer = params.get(PER_LAYER)
+    if per_layer is not None:  # one switch branch per layer reads that layer's own buffers (see per_layer_params)
+        qkv_branches = [functools.partial(qkv, lp) for lp in per_layer]
+        finish_branches = [functools.partial(lambda lp, l, h, out: layer_finish(lp, cfg, h, out, layer=l,
+                                                                                params=params), lp, l)
+                           for l, lp in enumerate(per_layer)]
+
+        def body(carry, layer):
+            h, st = carry
+            hn, q, k_pre, k, v = jax.lax.switch(layer, qkv_branches, h)
+            out, st = attend(st, layer, q, k_pre, k, v, hn)
+            return (jax.lax.switch(layer, finish_branches, h, out), st), None
+
+        (x, state), _ = jax.lax.scan(body, (x, state), jnp.arange(cfg.num_layers))
+        return x, state
+
     layer_params = {k[len("layers."):]: v for k, v in params.items() if k.startswith("layers.")}
 
     def body(carry, xs):
         h, st = carry
         lp, layer = xs
-        hn = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k_pre, k, v = layer_qkv(lp, cfg, h, cos, sin, hn)
+        hn, q, k_pre, k, v = qkv(lp, h)
         out, st = attend(st, layer, q, k_pre, k, v, hn)
         return (layer_finish(lp, cfg, h, out, layer=layer, params=params), st), None
 
     (x, state), _ = jax.lax.scan(body, (x, state), (layer_params, jnp.arange(cfg.num_layers)))
     return x, state
+
+
+#: key of ``params`` holding the per-layer weight buffers (:func:`per_layer_params`) that the decode path reads
+PER_LAYER = "per_layer"
+_PER_LAYER_CACHE: dict[int, tuple[Any, list]] = {}
+
+
+def per_layer_params(params: Params, cfg: ModelConfig) -> Params:
+    """``params`` plus ``params[PER_LAYER]``: a list of ``L`` dicts ``{name: [..]}`` holding each layer's slice of
+    every ``layers.*`` weight as its own buffer (made once per set of weights and shared by every caller).
+
+    Why: on the CPU backend a ``lax.scan`` over layer-stacked weights copies each layer's slice before every
+    matmul (XLA's CPU dot reads whole buffers), so a decode step, which reads every weight once, moves the
+    weights about three times. With separate buffers, :func:`run_layers_carry` picks the layer's branch with
+    ``lax.switch`` inside the same scan (the policy's attention is still compiled once) and the matmuls read the
+    weights in place. The cost is a second copy of the layer weights in host memory. Models with
+    mixture-of-experts layers keep the stacked path (their expert stacks are indexed per layer anyway)."""
+    if cfg.moe_layers:
+        return params
+    anchor = params["layers.wq"]
+    hit = _PER_LAYER_CACHE.get(id(anchor))
+    if hit is None or hit[0]() is not anchor:
+        names = [k for k in params if k.startswith("layers.")]
+        lists = [{k[len("layers."):]: params[k][l] for k in names} for l in range(cfg.num_layers)]
+        _PER_LAYER_CACHE[id(anchor)] = hit = (weakref.ref(anchor), lists)
+        weakref.finalize(anchor, _PER_LAYER_CACHE.pop, id(anchor), None)
+    return {**params, PER_LAYER: hit[1]}
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:

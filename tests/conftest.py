@@ -5,6 +5,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
+import tempfile
+
+# Many tests (and the CLI runs they start in subprocesses, which inherit these) compile the same programs: one
+# persistent XLA compilation cache shared by the pytest-xdist workers compiles each of them once per machine.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(tempfile.gettempdir()) / f"kvjax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest
 
