@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import ModelConfig
+from .gguf_file import GGUFFile
 from .transformer import Params, check_mesh, param_partition_specs, param_shapes, stack_layers
 
 
@@ -235,6 +236,8 @@ SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q
 
 def gguf_field_values(reader) -> dict:
     """GGUF metadata as plain Python values (strings decoded, arrays as lists)."""
+    if isinstance(reader, GGUFFile):
+        return dict(reader.fields)
     vals = {}
     for key, field in reader.fields.items():
         try:
@@ -244,13 +247,11 @@ def gguf_field_values(reader) -> dict:
     return vals
 
 
-def open_gguf(path: str):
-    import gguf
-
+def open_gguf(path: str) -> GGUFFile:
     if not os.path.exists(path):
         raise WeightError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(path)
+        return GGUFFile(path)
     except Exception as e:  # noqa: BLE001 - the reader raises many kinds on corrupt input
         raise WeightError(f"{path}: cannot read GGUF ({type(e).__name__}: {e}); the file may be truncated or corrupt") from None
 

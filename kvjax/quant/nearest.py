@@ -90,12 +90,11 @@ def _cells_np(grid: np.ndarray, radius: float, cells: int) -> np.ndarray:
         thr = mx.min(axis=-1, keepdims=True)
         rows.append((mn <= thr * (1 + 1e-6) + 1e-9).reshape(-1, n))
     keep = np.concatenate(rows, axis=0)  # [cells^d, n], row-major over axes 0..d-1
-    k_max = int(keep.sum(axis=1).max())
-    out = np.empty((keep.shape[0], k_max), np.int32)
-    for r in range(keep.shape[0]):
-        idx = np.flatnonzero(keep[r])
-        out[r, :idx.size] = idx
-        out[r, idx.size:] = idx[0]
+    counts = keep.sum(axis=1)
+    rows, cols = np.nonzero(keep)  # row-major: each row's kept indices in increasing order
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.repeat(cols[starts].astype(np.int32)[:, None], int(counts.max()), axis=1)  # padded with the first
+    out[rows, np.arange(rows.size) - starts[rows]] = cols
     return out
 
 
