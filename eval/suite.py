@@ -1,5 +1,5 @@
-"""The default benchmark suite of ``kvjax eval``: sized for smollm2-135m on a 2-core CPU, and runnable with no data
-and no network.
+"""The default benchmark suite of ``kvjax eval``: sized for smollm2-135m on a 2-core CPU (20 samples x 3 methods),
+and runnable with no data and no network. ``--preset larger`` and ``--bench-opt NAME.n_samples=N`` run more.
 
 Per benchmark, :func:`default_benchmarks` decides between real data and kvjax's generators:
 
@@ -22,22 +22,22 @@ from typing import Any
 from eval import data
 
 #: answer_prefix "table": the runner's keyword for a markdown table header built from the sample's two keys
-TEXT2JSON = {"text2json_synth": {"n_samples": 8, "target_tokens": 1500, "n_entities": 5, "answer_format": "lines",
+TEXT2JSON = {"text2json_synth": {"n_samples": 5, "target_tokens": 1500, "n_entities": 5, "answer_format": "lines",
                                  "domains": ["medical"], "answer_prefix": "table", "max_new_tokens": 96}}
-MULTINEEDLE_REAL = {"multineedle": {"n_samples": 8, "context_length": 2500, "length_buffer": 200,
+MULTINEEDLE_REAL = {"multineedle": {"n_samples": 5, "context_length": 2500, "length_buffer": 200,
                                     "needle_count": 3, "max_new_tokens": 40}}
-#: the generated variant at the prompt length the real one has with SmolLM2's tokenizer (haystack 2300 + wrapper)
-MULTINEEDLE_SYNTH = {"multineedle_synth": {"n_samples": 8, "target_tokens": 2450, "needle_count": 3,
+#: the generated variant, sized to stay in the 2048-token prompt bucket (the real one is ~2450 SmolLM2 tokens)
+MULTINEEDLE_SYNTH = {"multineedle_synth": {"n_samples": 5, "target_tokens": 1950, "needle_count": 3,
                                            "max_new_tokens": 40}}
 #: the two shortest pages of html_to_tsv_0.5k (about 2.1k SmolLM2 tokens each); generation capped for time
 LONGPROC = {"longproc": {"split": "html_to_tsv_0.5k", "task_ids": ["W214_0.5k_1", "W214_0.5k_2"],
                          "max_new_tokens": 128}}
 RULER = {
-    "ruler_niah_multikey": {"n_samples": 3, "target_tokens": 1500, "n_keys": 4, "max_new_tokens": 24},
-    "ruler_niah_multivalue": {"n_samples": 3, "target_tokens": 1500, "n_values": 4, "max_new_tokens": 48},
-    "ruler_vt": {"n_samples": 3, "target_tokens": 1500, "n_chains": 1, "n_hops": 4, "max_new_tokens": 32},
-    "ruler_cwe": {"n_samples": 3, "target_tokens": 1500, "n_common": 10, "max_new_tokens": 64},
-    "ruler_fwe": {"n_samples": 3, "target_tokens": 1500, "max_new_tokens": 24},
+    "ruler_niah_multikey": {"n_samples": 2, "target_tokens": 1500, "n_keys": 4, "max_new_tokens": 24},
+    "ruler_niah_multivalue": {"n_samples": 2, "target_tokens": 1500, "n_values": 4, "max_new_tokens": 48},
+    "ruler_vt": {"n_samples": 2, "target_tokens": 1500, "n_chains": 1, "n_hops": 4, "max_new_tokens": 32},
+    "ruler_cwe": {"n_samples": 2, "target_tokens": 1500, "n_common": 10, "max_new_tokens": 64},
+    "ruler_fwe": {"n_samples": 2, "target_tokens": 1500, "max_new_tokens": 24},
 }
 
 #: options of every benchmark the default suite may run (``--benchmarks NAME`` with the default preset starts there)
