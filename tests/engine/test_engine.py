@@ -193,3 +193,25 @@ def test_sessions_say_which_policy_fell_back_to_full(order):
     sessions = eng.start(prompts(1, [20]), 8, policies=list(order))
     assert [s.exact for s in sessions] == [name == "yakv" for name in order]
     assert all(s.policy.name == "full" for s in sessions)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_per_layer_decode_equals_the_stacked_layer_scan(family):
+    """The CPU decode path (each layer's matmuls on its own weight buffers, picked by lax.switch) gives the logits
+    and tokens of the layer-stacked scan the accelerators run, for full attention and a pruning policy."""
+    from kvjax import make_policy
+
+    lm = tiny(family)
+    ps = prompts(2, [37, 21])
+    gen = GenerationConfig(max_new_tokens=8, stop_ids=())
+    for pol in ["full", make_policy("yakv", min_seqlen_to_prune=0, sparse_budget=4, local_budget=4)]:
+        runs = []
+        for per_layer in (True, False):
+            eng = Engine(lm, pol, min_prompt_bucket=16, prefill_chunk=16, per_layer_decode=per_layer)
+            assert eng.per_layer_decode is per_layer
+            sess = eng.start(ps, 8)
+            steps = [np.asarray(sess.step([3, 5]).logits) for _ in range(3)]
+            runs.append((steps, [g.ids for g in eng.generate(ps, gen)]))
+        (lg_a, ids_a), (lg_b, ids_b) = runs
+        np.testing.assert_allclose(np.stack(lg_a), np.stack(lg_b), rtol=0, atol=1e-5)
+        assert ids_a == ids_b
