@@ -210,8 +210,8 @@ class Engine:
 
     ``per_layer_decode`` makes the decode step read each layer's weights from its own buffer
     (:func:`models.transformer.per_layer_params`): on the CPU backend a scan over layer-stacked weights copies every
-    layer's slice per step, so this makes CPU decode about twice as fast at the price of a second copy of the layer
-    weights in host memory. None (default): on when the default backend is the CPU; prefill always reads the
+    layer's slice per step, so this makes CPU decode faster (BENCHMARKS.md) at the price of a second copy of the
+    layer weights in host memory. None (default): on when the default backend is the CPU; prefill always reads the
     stacked weights.
     """
 

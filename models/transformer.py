@@ -312,12 +312,13 @@ _PER_LAYER_CACHE: dict[int, tuple[Any, list]] = {}
 
 
 def per_layer_params(params: Params, cfg: ModelConfig) -> Params:
-    """``params`` plus ``params[PER_LAYER]``: a list of ``L`` dicts ``{name: [..]}`` holding each layer's slice of
-    every ``layers.*`` weight as its own buffer (made once per set of weights and shared by every caller).
+    """``params`` with its stacked ``layers.*`` replaced by ``params[PER_LAYER]``: a list of ``L`` dicts
+    ``{name: [..]}`` holding each layer's slice of every ``layers.*`` weight as its own buffer (made once per set of
+    weights and shared by every caller), for the decode path (:func:`run_layers_carry`).
 
     Why: on the CPU backend a ``lax.scan`` over layer-stacked weights copies each layer's slice before every
     matmul (XLA's CPU dot reads whole buffers), so a decode step, which reads every weight once, moves the
-    weights about three times. With separate buffers, :func:`run_layers_carry` picks the layer's branch with
+    weights several times. With separate buffers, :func:`run_layers_carry` picks the layer's branch with
     ``lax.switch`` inside the same scan (the policy's attention is still compiled once) and the matmuls read the
     weights in place. The cost is a second copy of the layer weights in host memory. Models with
     mixture-of-experts layers keep the stacked path (their expert stacks are indexed per layer anyway)."""
@@ -330,7 +331,8 @@ def per_layer_params(params: Params, cfg: ModelConfig) -> Params:
         lists = [{k[len("layers."):]: params[k][l] for k in names} for l in range(cfg.num_layers)]
         _PER_LAYER_CACHE[id(anchor)] = hit = (weakref.ref(anchor), lists)
         weakref.finalize(anchor, _PER_LAYER_CACHE.pop, id(anchor), None)
-    return {**params, PER_LAYER: hit[1]}
+    # the stacked ``layers.*`` are left out: the decode path reads only the per-layer buffers
+    return {**{k: v for k, v in params.items() if not k.startswith("layers.")}, PER_LAYER: hit[1]}
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
